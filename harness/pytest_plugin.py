@@ -1,0 +1,320 @@
+"""The suite's pytest plugin: options, the ``claim`` marker, subject and evidence fixtures,
+verdicts, and the evidence report. Loaded from the root conftest.py only.
+
+State lives on ``config.stash`` and on reports (``report.user_properties``, which pytest-xdist
+serialises), never in module globals. Only the controlling process writes the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from harness.evidence import (
+    SUMMARY_HEADER,
+    ClaimEvidence,
+    ClaimInconclusive,
+    ClaimRefuted,
+    EvidenceWriter,
+    summary_rows,
+)
+from harness.provenance import run_provenance
+from harness.registry import Registry, RegistryError
+from harness.stats import claim_rng
+from harness.subjects import (
+    DEFAULT_SUBJECT,
+    KNOWN_SUBJECTS,
+    SubjectError,
+    SubjectSpec,
+    SubjectUnavailable,
+    WeightProcessing,
+    check_device_dtype,
+    parse_subject,
+)
+
+RECORD_KEY = "interp_claims_record"
+MARKER_KWARGS = {"id"}
+
+
+class SubjectStore:
+    """Loaded subjects of this process, by spec; a failure is remembered, not retried."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[SubjectSpec, object] = {}
+        self._errors: dict[SubjectSpec, Exception] = {}
+
+    def get(self, spec: SubjectSpec):  # -> LoadedSubject
+        if spec in self._errors:
+            raise self._errors[spec]
+        if spec not in self._loaded:
+            from harness.loaders import load_subject  # heavy: torch, transformers
+
+            try:
+                self._loaded[spec] = load_subject(spec)
+            except (SubjectError, SubjectUnavailable) as exc:
+                self._errors[spec] = exc
+                raise
+        return self._loaded[spec]
+
+    def models(self) -> list:
+        return [s.model for s in self._loaded.values()]
+
+
+@dataclass
+class RunState:
+    registry: Registry
+    spec: SubjectSpec
+    seed: int
+    evidence_dir: Path
+    store: SubjectStore = field(default_factory=SubjectStore)
+
+
+STATE = pytest.StashKey[RunState]()
+EVIDENCE = pytest.StashKey[ClaimEvidence]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("interp-claims", "interpretability claims")
+    group.addoption(
+        "--subject",
+        default=DEFAULT_SUBJECT,
+        help=f"subject name ({', '.join(sorted(KNOWN_SUBJECTS))}; NAME:random for the "
+        f"random-init twin) or a checkpoint directory. Default: {DEFAULT_SUBJECT}",
+    )
+    group.addoption("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    group.addoption(
+        "--dtype", default="float32", help="float32 (default), float64, bfloat16, float16"
+    )
+    group.addoption("--seed", type=int, default=0, help="session seed (default 0)")
+    group.addoption(
+        "--evidence-dir", default="evidence", help="report directory (default evidence/)"
+    )
+    parser.addini("claims_registry", "path of the claim registry", default="fixtures/claims.yaml")
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "claim(id): a claim test; id must exist in the claim registry"
+    )
+    config.addinivalue_line("markers", "slow: loads a real model or trains something")
+    opt = config.option
+    try:
+        registry = Registry.load(config.rootpath / config.getini("claims_registry"))
+        check_device_dtype(opt.device, opt.dtype)
+        spec = parse_subject(opt.subject, device=opt.device, dtype=opt.dtype, seed=opt.seed)
+    except (RegistryError, SubjectError) as exc:
+        raise pytest.UsageError(str(exc)) from None
+    evidence_dir = Path(opt.evidence_dir)
+    if not evidence_dir.is_absolute():
+        evidence_dir = config.invocation_params.dir / evidence_dir
+    state = RunState(registry=registry, spec=spec, seed=opt.seed, evidence_dir=evidence_dir)
+    config.stash[STATE] = state
+    if not _is_worker(config):
+        prov = run_provenance(config.rootpath, device=opt.device, dtype=opt.dtype, seed=opt.seed)
+        writer = EvidenceWriter(evidence_dir / spec.id, spec.id, prov)
+        config.pluginmanager.register(EvidenceReporter(writer), "interp-claims-evidence")
+
+
+def _claim_id(item: pytest.Item, registry: Registry) -> str | None:
+    marks = list(item.iter_markers("claim"))
+    if not marks:
+        return None
+    if len(marks) > 1:
+        raise pytest.UsageError(f"{item.nodeid}: more than one claim marker")
+    mark = marks[0]
+    unknown = set(mark.kwargs) - MARKER_KWARGS
+    if mark.args or unknown or "id" not in mark.kwargs:
+        raise pytest.UsageError(
+            f"{item.nodeid}: the claim marker takes exactly id=...; got args {mark.args}, "
+            f"kwargs {sorted(mark.kwargs)}"
+        )
+    cid = mark.kwargs["id"]
+    if cid not in registry:
+        raise pytest.UsageError(
+            f"{item.nodeid}: unknown claim id {cid!r}; the registry ({registry.path}) knows "
+            f"{', '.join(registry.claims)}"
+        )
+    return cid
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    state = config.stash[STATE]
+    for item in items:
+        cid = _claim_id(item, state.registry)
+        if cid is None:
+            continue
+        expected = state.registry[cid].expected_verdict(state.spec.id)
+        if expected in ("refuted", "inconclusive"):
+            raises = ClaimRefuted if expected == "refuted" else ClaimInconclusive
+            item.add_marker(
+                pytest.mark.xfail(
+                    strict=True,
+                    raises=raises,
+                    reason=f"{cid} recorded as {expected} on {state.spec.id} in the registry",
+                )
+            )
+
+
+@pytest.fixture(scope="session")
+def run_state(request: pytest.FixtureRequest) -> RunState:
+    """The session's options, registry and subject spec."""
+    return request.config.stash[STATE]
+
+
+def _load(state: RunState, spec: SubjectSpec):
+    try:
+        return state.store.get(spec)
+    except SubjectUnavailable as exc:
+        pytest.skip(f"unavailable: {exc}")
+    except SubjectError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def subject(run_state: RunState):
+    """The session's subject (a LoadedSubject), loaded once.
+
+    Read-only use only: the model is shared by every test of the session; mutations (weights,
+    hooks, ``cfg``) leak into every later test. Hooks only inside ``model.hooks(...)`` or
+    ``run_with_cache``; an autouse check fails any test that leaves one attached.
+    """
+    return _load(run_state, run_state.spec)
+
+
+@pytest.fixture(scope="session")
+def subject_variant(run_state: RunState) -> Callable[[WeightProcessing], object]:
+    """``subject_variant(processing)``: the session's subject under other weight processing,
+    loaded once per processing. Same read-only contract as ``subject``."""
+    import dataclasses
+
+    def get(processing: WeightProcessing):
+        return _load(run_state, dataclasses.replace(run_state.spec, processing=processing))
+
+    return get
+
+
+@pytest.fixture
+def claim(request: pytest.FixtureRequest, run_state: RunState):
+    """The registry entry of the running claim test."""
+    cid = _claim_id(request.node, run_state.registry)
+    if cid is None:
+        raise pytest.UsageError(f"{request.node.nodeid} uses a claim fixture without a claim marker")
+    return run_state.registry[cid]
+
+
+@pytest.fixture
+def rng(claim, run_state: RunState):
+    """numpy Generator owned by this claim: derived from (session seed, claim id)."""
+    return claim_rng(run_state.seed, claim.id)
+
+
+@pytest.fixture
+def evidence(request: pytest.FixtureRequest, claim, run_state: RunState) -> Iterator[ClaimEvidence]:
+    """Records statistics for the report; ``evidence.judge()`` gives the verdict."""
+    ev = ClaimEvidence(
+        claim=claim,
+        subject_id=run_state.spec.id,
+        dtype=run_state.spec.dtype,
+        figure_dir=run_state.evidence_dir / run_state.spec.id / "figures",
+    )
+    if "subject" in request.fixturenames:
+        ev.subject = request.getfixturevalue("subject").provenance()
+    request.node.stash[EVIDENCE] = ev
+    yield ev
+
+
+def _leaked_hooks(model) -> list[str]:
+    return [
+        name or "<root>"
+        for name, mod in model.named_modules()
+        if mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_hooks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that leaves a hook on a shared model (and clean up after it)."""
+    yield
+    for model in request.config.stash[STATE].store.models():
+        leaked = _leaked_hooks(model)
+        if leaked:
+            model.reset_hooks(including_permanent=True)
+            pytest.fail(f"test left hooks attached to the shared model: {leaked[:5]}", pytrace=False)
+
+
+def _verdict(item: pytest.Item, call: pytest.CallInfo, report: pytest.TestReport,
+             ev: ClaimEvidence | None) -> tuple[str, str]:
+    """(verdict, reason) from the outcome; the evidence's own verdict wins when it has one."""
+    judged = ev.verdict if ev else None
+    excinfo = call.excinfo
+    if hasattr(report, "wasxfail"):
+        return judged or "refuted", f"expected: {report.wasxfail}"
+    if report.passed:
+        return judged or "supported", ""
+    if report.skipped:
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        return "unavailable", reason.removeprefix("Skipped: ")
+    if excinfo is not None and excinfo.errisinstance(ClaimInconclusive):
+        return "inconclusive", str(excinfo.value)
+    if excinfo is not None and excinfo.errisinstance(AssertionError):
+        return "refuted", str(excinfo.value).splitlines()[0] if str(excinfo.value) else ""
+    if judged:  # strict XPASS: the claim flipped from its recorded verdict
+        return judged, "differs from the verdict recorded in the registry (strict xfail passed)"
+    return "error", (excinfo.exconly().splitlines()[0] if excinfo else str(report.longrepr))[:300]
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    state = item.config.stash.get(STATE, None)
+    if state is None or item.get_closest_marker("claim") is None:
+        return report
+    if call.when == "call" or (call.when == "setup" and not report.passed):
+        ev = item.stash.get(EVIDENCE, None)
+        cid = _claim_id(item, state.registry)
+        record = ev.to_record() if ev else {"id": cid, "title": state.registry[cid].title,
+                                            "statement": state.registry[cid].statement,
+                                            "statistics": {}, "notes": []}
+        verdict, reason = _verdict(item, call, report, ev)
+        record.update(
+            verdict=verdict,
+            reason=reason,
+            expected=hasattr(report, "wasxfail"),
+            test=item.name,
+            nodeid=item.nodeid,
+            outcome=report.outcome,
+            duration_s=round(call.duration, 3),
+        )
+        report.user_properties.append((RECORD_KEY, record))
+    return report
+
+
+class EvidenceReporter:
+    """Controller-side: collects records from reports, rewrites the report, prints the table."""
+
+    def __init__(self, writer: EvidenceWriter) -> None:
+        self.writer = writer
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        for key, value in report.user_properties:
+            if key == RECORD_KEY:
+                self.writer.add(value)
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if not self.writer.records:
+            return
+        tr = terminalreporter
+        tr.section(f"claims on {self.writer.subject_id}")
+        rows = [SUMMARY_HEADER, *summary_rows(self.writer.records)]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(SUMMARY_HEADER))]
+        for row in rows:
+            tr.write_line("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        tr.write_line(f"evidence: {self.writer.json_path}  {self.writer.md_path}")

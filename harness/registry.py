@@ -1,0 +1,191 @@
+"""The claim registry: ``fixtures/claims.yaml`` loaded once into frozen, validated objects.
+
+Published numbers, thresholds and expected verdicts live here as data with provenance, never in
+test bodies. Every lookup of a missing key raises (no silent defaults).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+import yaml
+
+SCHEMA_VERSION = 1
+VERDICTS = ("supported", "refuted", "inconclusive", "unavailable")
+DIRECTIONS = ("above", "below", "between")
+ID_PATTERN = re.compile(r"^[A-Z][0-9]+$")
+FAMILIES = {
+    "H": "hook math",
+    "W": "weight-decoded tokens vs maximally activating inputs",
+    "S": "SAE category specialists",
+    "R": "sparse autoencoders on MLP activations",
+    "N": "one neuron, clamped and projected",
+}
+
+
+class RegistryError(ValueError):
+    """The registry file is malformed, or a lookup names something it does not hold."""
+
+
+@dataclass(frozen=True)
+class Published:
+    """A number a source published, with where it comes from."""
+
+    quantity: str
+    """What was measured, in the source's words."""
+    value: float
+    """The number as published."""
+    subject: str
+    """Model and site it was measured on (e.g. 'gpt2-small L8 n481')."""
+    provenance: str
+    """Where exactly it is published (file, section, run)."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How a claim's headline statistic is compared with its threshold.
+
+    ``above``: supported iff the whole interval lies above ``threshold``; refuted iff it lies
+    entirely at or below; otherwise inconclusive. ``below`` mirrors it. ``between``: supported
+    iff the interval lies inside ``bounds``, refuted iff it lies entirely outside.
+    """
+
+    statistic: str
+    """Name of the statistic the verdict rests on (as recorded through the evidence fixture)."""
+    direction: Literal["above", "below", "between"]
+    """Which side of the threshold the claim asserts."""
+    threshold: Mapping[str, float] | float | None = None
+    """One number, or one per dtype (numerical identities need a dtype-aware tolerance)."""
+    bounds: tuple[float, float] | None = None
+    """(low, high) for ``between``."""
+    rationale: str = ""
+    """Why this threshold: what the claim's words ('far from 1', 'well') are taken to mean."""
+
+    def __post_init__(self) -> None:
+        if self.direction not in DIRECTIONS:
+            raise RegistryError(f"direction must be one of {DIRECTIONS}, not {self.direction!r}")
+        if self.direction == "between":
+            if self.bounds is None or len(self.bounds) != 2 or self.bounds[0] >= self.bounds[1]:
+                raise RegistryError("direction 'between' needs bounds [low, high] with low < high")
+        elif self.threshold is None:
+            raise RegistryError(f"direction {self.direction!r} needs a threshold")
+
+    def threshold_for(self, dtype: str) -> float:
+        """The threshold in force for ``dtype``; raises when a per-dtype table lacks it."""
+        if isinstance(self.threshold, Mapping):
+            if dtype not in self.threshold:
+                raise RegistryError(
+                    f"no threshold for dtype {dtype!r} (have {sorted(self.threshold)})"
+                )
+            return float(self.threshold[dtype])
+        if self.threshold is None:
+            raise RegistryError("this decision has bounds, not a threshold")
+        return float(self.threshold)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim of CLAIMS.md."""
+
+    id: str
+    family: str
+    title: str
+    source: str
+    statement: str
+    definition: str
+    decision: Decision
+    published: tuple[Published, ...] = ()
+    expected: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    """subject id -> verdict measured and reviewed for it; the plugin turns an expected
+    'refuted' or 'inconclusive' into a strict xfail."""
+    notes: str = ""
+
+    def expected_verdict(self, subject_id: str) -> str | None:
+        return self.expected.get(subject_id)
+
+
+_CLAIM_KEYS = {"family", "title", "source", "statement", "definition", "decision", "published",
+               "expected", "notes"}
+_REQUIRED = {"family", "title", "source", "statement", "definition", "decision"}
+
+
+def _claim_from(cid: str, raw: Any, where: str) -> Claim:
+    if not ID_PATTERN.match(cid):
+        raise RegistryError(f"{where}: claim id {cid!r} is not of the form H1, W2, ...")
+    if not isinstance(raw, Mapping):
+        raise RegistryError(f"{where}: claim {cid} must be a mapping")
+    unknown = set(raw) - _CLAIM_KEYS
+    missing = _REQUIRED - set(raw)
+    if unknown or missing:
+        raise RegistryError(
+            f"{where}: claim {cid}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}"
+        )
+    if raw["family"] not in FAMILIES or not cid.startswith(raw["family"]):
+        raise RegistryError(f"{where}: claim {cid}: family {raw['family']!r} does not match")
+    try:
+        dec = dict(raw["decision"])
+        if "bounds" in dec:
+            dec["bounds"] = tuple(float(b) for b in dec["bounds"])
+        decision = Decision(**dec)
+        published = tuple(Published(**p) for p in raw.get("published") or ())
+    except TypeError as exc:
+        raise RegistryError(f"{where}: claim {cid}: {exc}") from None
+    expected = dict(raw.get("expected") or {})
+    bad = {k: v for k, v in expected.items() if v not in VERDICTS}
+    if bad:
+        raise RegistryError(f"{where}: claim {cid}: expected verdicts {bad} not in {VERDICTS}")
+    return Claim(
+        id=cid,
+        family=raw["family"],
+        title=raw["title"],
+        source=raw["source"],
+        statement=" ".join(str(raw["statement"]).split()),
+        definition=" ".join(str(raw["definition"]).split()),
+        decision=decision,
+        published=published,
+        expected=MappingProxyType(expected),
+        notes=" ".join(str(raw.get("notes", "")).split()),
+    )
+
+
+@dataclass(frozen=True)
+class Registry:
+    """All claims, by id."""
+
+    claims: Mapping[str, Claim]
+    path: str
+    schema_version: int
+
+    def __getitem__(self, cid: str) -> Claim:
+        try:
+            return self.claims[cid]
+        except KeyError:
+            raise RegistryError(
+                f"unknown claim id {cid!r} (registry {self.path} knows {', '.join(self.claims)})"
+            ) from None
+
+    def __contains__(self, cid: object) -> bool:
+        return cid in self.claims
+
+    @classmethod
+    def load(cls, path: str | Path) -> Registry:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RegistryError(f"claim registry {path} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise RegistryError(f"claim registry {path} is not valid YAML: {exc}") from None
+        if not isinstance(raw, Mapping) or set(raw) != {"schema_version", "claims"}:
+            raise RegistryError(f"{path}: top level must hold exactly schema_version and claims")
+        if raw["schema_version"] != SCHEMA_VERSION:
+            raise RegistryError(
+                f"{path}: schema_version {raw['schema_version']!r}, this code reads {SCHEMA_VERSION}"
+            )
+        claims = {str(cid): _claim_from(str(cid), c, str(path)) for cid, c in raw["claims"].items()}
+        return cls(claims=MappingProxyType(claims), path=str(path), schema_version=SCHEMA_VERSION)
