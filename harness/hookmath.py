@@ -1,9 +1,9 @@
 """Independent re-computation of TransformerLens MLP hook values (claims family H).
 
-Every function here reads weights and ``model.cfg`` and does the arithmetic itself; none calls
-a module's ``forward``. That independence is the point: an identity check such as
-``cache["blocks.L.mlp.hook_pre"] == expected_pre(model, cache, L)`` only means something if the
-right-hand side was not produced by the code under test.
+Every function here reads weights and ``model.cfg`` and does the arithmetic itself (under
+``torch.no_grad``); none calls a module's ``forward``. That independence is the point: an identity
+check such as ``cache["blocks.L.mlp.hook_pre"] == expected_pre(model, cache, L)`` only means
+something if the right-hand side was not produced by the code under test.
 
 What the formulas mirror (TransformerLens 3.9, ``components/`` and ``components/mlps/``):
 
@@ -22,11 +22,14 @@ What the formulas mirror (TransformerLens 3.9, ``components/`` and ``components/
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:  # annotation only: importing TL here would slow `import harness`
+    from transformer_lens import HookedTransformer
 
 __all__ = [
     "HookCache",
@@ -62,7 +65,7 @@ _UNSUPPORTED_FLAGS = (
 )
 
 
-def _check_supported(model: Any) -> None:
+def _check_supported(model: HookedTransformer) -> None:
     cfg = model.cfg
     for flag in _UNSUPPORTED_FLAGS:
         if getattr(cfg, flag, False):
@@ -74,13 +77,13 @@ def _check_supported(model: Any) -> None:
         raise NotImplementedError("hookmath does not model post-norm architectures")
 
 
-def _is_ln_activation(model: Any) -> bool:
+def _is_ln_activation(model: HookedTransformer) -> bool:
     """True for SoLU-style activations that carry their own norm (``act_fn`` ending in ``_ln``)."""
     act_fn = model.cfg.act_fn
     return act_fn is not None and act_fn.endswith("_ln")
 
 
-def _check_mlp_variant(model: Any) -> None:
+def _check_mlp_variant(model: HookedTransformer) -> None:
     if model.cfg.gated_mlp and _is_ln_activation(model):
         # TL accepts this config, but its GatedMLP then silently drops W_in and b_in
         # (hook_post = ln(act(gate))); no real model has it, so there is no formula to match.
@@ -103,7 +106,10 @@ def rms_norm_pre(x: Tensor, eps: float) -> Tensor:
     return x / (x.pow(2).mean(dim=-1, keepdim=True) + eps).sqrt()  # (..., d)
 
 
-def norm_input(model: Any, resid: Tensor, layer: int, which: NormName = "ln2") -> Tensor:
+@torch.no_grad()
+def norm_input(
+    model: HookedTransformer, resid: Tensor, layer: int, which: NormName = "ln2"
+) -> Tensor:
     """Apply block ``layer``'s ``ln1``/``ln2`` as configured by ``cfg.normalization_type``.
 
     LN:     (x - mean) / sqrt(var + eps) * w + b
@@ -132,19 +138,21 @@ def norm_input(model: Any, resid: Tensor, layer: int, which: NormName = "ln2") -
     return out + norm.b if norm_type == "LN" else out
 
 
-def _mlp_source_hook(model: Any, layer: int) -> str:
+def _mlp_source_hook(model: HookedTransformer, layer: int) -> str:
     """The residual hook the MLP reads: resid_mid, or resid_pre for parallel attn/MLP blocks."""
     stage = "resid_pre" if model.cfg.parallel_attn_mlp else "resid_mid"
     return f"blocks.{layer}.hook_{stage}"
 
 
-def mlp_input(model: Any, cache: HookCache, layer: int) -> Tensor:
+@torch.no_grad()
+def mlp_input(model: HookedTransformer, cache: HookCache, layer: int) -> Tensor:
     """x = ln2(resid_mid), the tensor the MLP actually multiplies. Shape (batch, pos, d_model)."""
     _check_supported(model)
     return norm_input(model, cache[_mlp_source_hook(model, layer)], layer, "ln2")
 
 
-def expected_pre(model: Any, cache: HookCache, layer: int) -> Tensor:
+@torch.no_grad()
+def expected_pre(model: HookedTransformer, cache: HookCache, layer: int) -> Tensor:
     """Expected ``blocks.{layer}.mlp.hook_pre``. Shape (batch, pos, d_mlp).
 
     Plain MLP: x @ W_in + b_in.  Gated MLP: x @ W_gate (TL's GatedMLP has no gate bias).
@@ -160,7 +168,8 @@ def expected_pre(model: Any, cache: HookCache, layer: int) -> Tensor:
     return x @ mlp.W_gate  # (batch, pos, d_mlp)
 
 
-def expected_pre_linear(model: Any, cache: HookCache, layer: int) -> Tensor:
+@torch.no_grad()
+def expected_pre_linear(model: HookedTransformer, cache: HookCache, layer: int) -> Tensor:
     """Expected ``blocks.{layer}.mlp.hook_pre_linear`` = x @ W_in (gated MLPs only; no b_in)."""
     if not model.cfg.gated_mlp:
         raise ValueError("hook_pre_linear exists only for gated MLPs (cfg.gated_mlp=True)")
@@ -181,8 +190,8 @@ def _gelu_new(x: Tensor) -> Tensor:
 def apply_activation(name: str, x: Tensor) -> Tensor:
     """act(x) for TL's ``cfg.act_fn`` names. ``solu``/``solu_ln``: x * softmax(x) over d_mlp."""
     if name == "gelu":
-        # Exact erf GELU. torch's F.gelu is a primitive with one definition, not TL code; an
-        # erf re-derivation would only test torch against itself.
+        # Exact erf GELU. TL maps "gelu" to this same torch primitive, so H4 checks here that
+        # TL applies the right function at the right place, not torch's GELU numerics.
         return F.gelu(x)
     if name == "gelu_new":
         return _gelu_new(x)
@@ -195,7 +204,8 @@ def apply_activation(name: str, x: Tensor) -> Tensor:
     raise ValueError(f"activation {name!r} is not modelled by hookmath")
 
 
-def expected_post(model: Any, cache: HookCache, layer: int) -> Tensor:
+@torch.no_grad()
+def expected_post(model: HookedTransformer, cache: HookCache, layer: int) -> Tensor:
     """Expected ``blocks.{layer}.mlp.hook_post`` from the cached pre-activations.
 
     Plain:  act(hook_pre)
@@ -220,7 +230,8 @@ def expected_post(model: Any, cache: HookCache, layer: int) -> Tensor:
     return normed
 
 
-def expected_mlp_out(model: Any, cache: HookCache, layer: int) -> Tensor:
+@torch.no_grad()
+def expected_mlp_out(model: HookedTransformer, cache: HookCache, layer: int) -> Tensor:
     """Expected ``blocks.{layer}.hook_mlp_out`` = hook_post @ W_out + b_out. (batch, pos, d_model)."""
     _check_supported(model)
     mlp = model.blocks[layer].mlp
@@ -238,7 +249,7 @@ def expected_resid_post(cache: HookCache, layer: int) -> Tensor:
     return cache[f"blocks.{layer}.hook_resid_mid"] + cache[f"blocks.{layer}.hook_mlp_out"]
 
 
-def hook_names_for_layer(model: Any, layer: int) -> list[str]:
+def hook_names_for_layer(model: HookedTransformer, layer: int) -> list[str]:
     """Hook names the functions above read for ``layer``, for ``run_with_cache(names_filter=)``."""
     _check_supported(model)
     block = f"blocks.{layer}"
@@ -247,8 +258,6 @@ def hook_names_for_layer(model: Any, layer: int) -> list[str]:
         names.append(f"{block}.hook_resid_mid")
     if model.cfg.gated_mlp and not _is_ln_activation(model):
         names.append(f"{block}.mlp.hook_pre_linear")
-    if _is_ln_activation(model):
-        names.append(f"{block}.mlp.hook_mid")
     names += [f"{block}.mlp.hook_post", f"{block}.hook_mlp_out", f"{block}.hook_resid_post"]
     return names
 
@@ -272,8 +281,6 @@ def max_errors(actual: Tensor, expected: Tensor) -> dict[str, float]:
     if nan_in_input or math.isnan(max_abs):
         return {"max_abs_error": math.nan, "max_rel_error": math.nan}
     scale = e.abs().max().item()
-    if scale == 0.0:
-        max_rel = 0.0 if max_abs == 0.0 else math.inf
-    else:
-        max_rel = max_abs / scale
-    return {"max_abs_error": max_abs, "max_rel_error": max_rel}
+    if scale > 0.0:
+        return {"max_abs_error": max_abs, "max_rel_error": max_abs / scale}
+    return {"max_abs_error": max_abs, "max_rel_error": 0.0 if max_abs == 0.0 else math.inf}

@@ -82,64 +82,11 @@ _NAMES = ["Mary", "John", "Alice", "Bob", "Tom", "James", "Sarah", "Anna", "Davi
 _PLACES = ["store", "garden", "school", "park", "office", "station", "market", "library"]
 _OBJECTS = ["drink", "book", "ring", "letter", "basketball", "computer", "snack", "kiss"]
 _NOUNS = ["war", "expedition", "drought", "dynasty", "strike", "siege", "pilgrimage"]
-_WORDS = [
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "was",
-    "for",
-    "on",
-    "that",
-    "with",
-    "as",
-    "by",
-    "at",
-    "from",
-    "it",
-    "an",
-    "be",
-    "this",
-    "which",
-    "or",
-    "are",
-    "have",
-    "not",
-    "but",
-    "had",
-    "they",
-    "his",
-    "her",
-    "one",
-    "all",
-    "were",
-    "there",
-    "when",
-    "more",
-    "some",
-    "can",
-    "would",
-    "what",
-    "time",
-    "could",
-    "about",
-    "into",
-    "other",
-    "than",
-    "then",
-    "only",
-    "also",
-    "after",
-    "first",
-    "two",
-    "new",
-    "years",
-    "people",
-    "state",
-    "very",
-]
+_WORDS = (  # noqa: SIM905
+    "the of and to in is was for on that with as by at from it an be this which or are have "
+    "not but had they his her one all were there when more some can would what time could "
+    "about into other than then only also after first two new years people state very"
+).split()
 _OPS = ["+", "-", "*", "//", "%", "**"]
 
 

@@ -38,7 +38,7 @@ ACTS = ("gelu", "gelu_new", "relu", "silu", "solu_ln")
 SAME_MODEL_ATOL = 1e-10
 # TL's process_weights rounds float64 weights to float32 (test_tl_process_weights_keeps_float64),
 # so processed-vs-raw comparisons can only be float32-tight: relative 2^-24 per weight, amplified
-# by a few layers of matmuls and norms. Observed worst ~1e-6 relative.
+# by a few layers of matmuls and norms. Observed: at most ~1e-6 relative.
 PROCESSED_RTOL = 1e-4
 # A forgotten LN weight (w = 1 + 0.5 N(0, 1)) moves hook_pre by O(0.1-1); 1e-3 is a safe floor.
 NEGATIVE_CONTROL_MIN_ERROR = 1e-3
@@ -189,9 +189,9 @@ def all_hook_names(model: HookedTransformer) -> list[str]:
     return [n for layer in range(model.cfg.n_layers) for n in hm.hook_names_for_layer(model, layer)]
 
 
-def random_tokens(seed: int, batch: int, pos: int) -> Tensor:
+def random_tokens(seed: int, batch: int, pos: int, d_vocab: int = D_VOCAB) -> Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, D_VOCAB, (batch, pos), generator=gen)  # (batch, pos)
+    return torch.randint(0, d_vocab, (batch, pos), generator=gen)  # (batch, pos)
 
 
 def assert_close(actual: Tensor, expected: Tensor, what: str, atol: float) -> None:
@@ -207,7 +207,7 @@ def assert_close(actual: Tensor, expected: Tensor, what: str, atol: float) -> No
 def test_mlp_hooks_match_independent_formulas(spec: TinySpec, fold: bool, token_seed: int) -> None:
     """H1 (pre, pre_linear), H4 (post), mlp_out and resid_mid/resid_post, every layer/pos/neuron."""
     model = build_raw(spec)
-    if fold and not fold_refused(spec):
+    if fold and not fold_refused(spec):  # a refused fold leaves the raw model under test
         model = build_processed(model, spec)
     tokens = random_tokens(token_seed, batch=2, pos=7)  # (batch, pos)
     _, cache = run_cached(model, tokens, all_hook_names(model))
@@ -400,7 +400,7 @@ def test_tl_fold_ln_bugs(spec: TinySpec) -> None:
     assert fold_is_buggy(spec)
     raw = build_raw(spec)
     processed = build_processed(raw, spec)
-    tokens = random_tokens(0, 1, 5)  # (1, pos)
+    tokens = random_tokens(0, 1, 5, spec.d_vocab)  # (1, pos)
     raw_logits, _ = run_cached(raw, tokens, [])
     new_logits, _ = run_cached(processed, tokens, [])
     errs = hm.max_errors(new_logits.log_softmax(-1), raw_logits.log_softmax(-1))

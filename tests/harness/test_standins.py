@@ -284,33 +284,42 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     t = time.perf_counter()
     empty_proc = _start_child(_child_code(_EMPTY), empty_home, base / "empty.json")
 
-    hf_home = base / "hf_home"
-    rng_before = torch.random.get_rng_state()
-    t_build = time.perf_counter()
-    gpt2_dir = make_gpt2_checkpoint(base / "build" / "gpt2", seed=0)
-    llama_dir = make_llama_checkpoint(base / "build" / "llama", seed=0)
-    rng_after = torch.random.get_rng_state()
-    gpt2_snapshot = install_in_hub_cache(hf_home, "gpt2", gpt2_dir)
-    install_in_hub_cache(hf_home, LLAMA_REPO, llama_dir)
-    solu = {name: make_solu_hub_standin(hf_home, name, seed=i) for i, name in enumerate(SOLU_REPOS)}
-    timings["build"] = time.perf_counter() - t_build
+    try:
+        hf_home = base / "hf_home"
+        rng_before = torch.random.get_rng_state()
+        t_build = time.perf_counter()
+        gpt2_dir = make_gpt2_checkpoint(base / "build" / "gpt2", seed=0)
+        llama_dir = make_llama_checkpoint(base / "build" / "llama", seed=0)
+        solu = {
+            name: make_solu_hub_standin(hf_home, name, seed=i) for i, name in enumerate(SOLU_REPOS)
+        }
+        rng_after = torch.random.get_rng_state()
+        gpt2_snapshot = install_in_hub_cache(hf_home, "gpt2", gpt2_dir)
+        install_in_hub_cache(hf_home, LLAMA_REPO, llama_dir)
+        timings["build"] = time.perf_counter() - t_build
 
-    from transformers import AutoTokenizer
+        from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(gpt2_dir))
-    tokens = [tok.bos_token_id, *tok(TEXT)["input_ids"]][:16]
+        tok = AutoTokenizer.from_pretrained(str(gpt2_dir))
+        tokens = [tok.bos_token_id, *tok(TEXT)["input_ids"]][:16]
 
-    t_main = time.perf_counter()
-    main_code = _child_code(
-        _MAIN,
-        TEXT=TEXT,
-        TOKENS=tokens,
-        LLAMA_REPO=LLAMA_REPO,
-        LLAMA_DIR=str(llama_dir),
-        SOLU_PATHS={name: str(info["state_dict_path"]) for name, info in solu.items()},
-    )
-    main = _finish_child(_start_child(main_code, hf_home, base / "main.json"), base / "main.json")
-    timings["main_child"] = time.perf_counter() - t_main
+        t_main = time.perf_counter()
+        main_code = _child_code(
+            _MAIN,
+            TEXT=TEXT,
+            TOKENS=tokens,
+            LLAMA_REPO=LLAMA_REPO,
+            LLAMA_DIR=str(llama_dir),
+            SOLU_PATHS={name: str(info["state_dict_path"]) for name, info in solu.items()},
+        )
+        main = _finish_child(
+            _start_child(main_code, hf_home, base / "main.json"), base / "main.json"
+        )
+        timings["main_child"] = time.perf_counter() - t_main
+    except BaseException:
+        empty_proc.kill()
+        empty_proc.communicate()
+        raise
     empty = _finish_child(empty_proc, base / "empty.json")
     timings["total"] = time.perf_counter() - t
     return {
