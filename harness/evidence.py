@@ -59,6 +59,9 @@ class ClaimEvidence:
     verdict: str | None = None
     subject: dict | None = None
     started: float = field(default_factory=time.perf_counter)
+    estimates: dict[str, Estimate] = field(default_factory=dict)
+    """The recorded estimates as measured (``statistics`` holds their JSON-safe form, where a
+    NaN is the string 'nan'); ``judge`` decides on these."""
 
     def record(
         self,
@@ -83,6 +86,7 @@ class ClaimEvidence:
             entry["direction"] = d.direction
         entry.update(extra)
         self.statistics[name] = _clean(entry)
+        self.estimates[name] = estimate
         return estimate
 
     def note(self, text: str) -> None:
@@ -104,7 +108,7 @@ class ClaimEvidence:
                 f"{self.claim.id}: headline statistic {d.statistic!r} was never recorded "
                 f"(recorded: {sorted(self.statistics)})"
             )
-        est = Estimate(**self.statistics[d.statistic]["estimate"])
+        est = self.estimates[d.statistic]
         self.verdict = decide(est, d, self.dtype)
         bound = list(d.bounds) if d.direction == "between" else d.threshold_for(self.dtype)
         message = (

@@ -45,6 +45,17 @@ class SubjectStore:
     def __init__(self) -> None:
         self._loaded: dict[SubjectSpec, object] = {}
         self._errors: dict[SubjectSpec, Exception] = {}
+        self._hf: dict[tuple[str, str], tuple] = {}
+
+    def _hf_model(self, spec: SubjectSpec) -> tuple:
+        """One transformers model per checkpoint, shared by the processing variants (only
+        TL's converted copies are handed to tests; the HF model is never exposed)."""
+        from harness.loaders import load_hf
+
+        key = (spec.kind, spec.source)
+        if key not in self._hf:
+            self._hf[key] = load_hf(spec)
+        return self._hf[key]
 
     def get(self, spec: SubjectSpec):  # -> LoadedSubject
         if spec in self._errors:
@@ -53,7 +64,7 @@ class SubjectStore:
             from harness.loaders import load_subject  # heavy: torch, transformers
 
             try:
-                self._loaded[spec] = load_subject(spec)
+                self._loaded[spec] = load_subject(spec, hf_loader=self._hf_model)
             except (SubjectError, SubjectUnavailable) as exc:
                 self._errors[spec] = exc
                 raise

@@ -94,7 +94,8 @@ def bootstrap(
 def pearson(x: np.ndarray, y: np.ndarray, confidence: float = 0.95) -> Estimate:
     """Pearson r with scipy's Fisher-z interval; NaN (not an error) for a constant input."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if x.std() == 0 or y.std() == 0:
+    # Exact test: std() of a constant array can round to 1e-17 instead of 0.
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
         return Estimate(math.nan, math.nan, math.nan, len(x), "pearson-fisher-z", confidence)
     res = stats.pearsonr(x, y)
     ci = res.confidence_interval(confidence_level=confidence)
@@ -116,7 +117,10 @@ def columnwise_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     denom = np.sqrt((xc**2).sum(axis=0) * (yc**2).sum(axis=0))
     with np.errstate(invalid="ignore", divide="ignore"):
         r = (xc * yc).sum(axis=0) / denom
-    return np.where(denom > 0, np.clip(r, -1.0, 1.0), np.nan)
+    # Constant columns by exact comparison: a rounded mean leaves a ~1e-17 residue in xc, so
+    # denom > 0 alone would report r = 0 (or noise) for them.
+    constant = (x == x[:1]).all(axis=0) | (y == y[:1]).all(axis=0)
+    return np.where((denom > 0) & ~constant, np.clip(r, -1.0, 1.0), np.nan)
 
 
 def decide(estimate: Estimate, decision: Decision, dtype: str) -> str:

@@ -1,0 +1,226 @@
+"""ClaimEvidence (record / judge / figure) and EvidenceWriter (atomic, NaN-honest report)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness.evidence import (
+    SCHEMA_VERSION,
+    ClaimEvidence,
+    ClaimInconclusive,
+    ClaimRefuted,
+    EvidenceWriter,
+    atomic_write_text,
+    render_markdown,
+)
+from harness.registry import Claim, Decision, Published
+from harness.stats import Estimate, exact
+
+STATEMENT = "The statistic is large."
+
+
+def _claim(decision: Decision, cid: str = "H1") -> Claim:
+    return Claim(
+        id=cid, family=cid[0], title="a test claim", source="a source", statement=STATEMENT,
+        definition="r over things", decision=decision,
+        published=(Published("r", 0.9, "gpt2-small L8", "paper, table 2"),),
+    )
+
+
+ABOVE = Decision(statistic="r", direction="above", threshold=0.5)
+
+
+def _evidence(tmp_path: Path, decision: Decision = ABOVE, cid: str = "H1") -> ClaimEvidence:
+    return ClaimEvidence(claim=_claim(decision, cid), subject_id="smollm2-135m",
+                         dtype="float32", figure_dir=tmp_path / "figures")
+
+
+def _strict_json(text: str):
+    """json.loads that refuses the bare NaN / Infinity tokens Python's json would accept."""
+    def refuse(token: str):
+        raise ValueError(f"non-standard JSON token {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+# --- ClaimEvidence ------------------------------------------------------------------------
+
+
+def test_record_stores_estimate_threshold_and_null(tmp_path: Path) -> None:
+    ev = _evidence(tmp_path)
+    est = Estimate(0.8, 0.7, 0.9, 50, "bootstrap-percentile")
+    assert ev.record("r", est, null=exact(0.1, 50), description="median r") is est
+    ev.record("side", exact(2.0, 3), null=0.0, layer=np.int64(5))
+    assert ev.statistics["r"]["threshold"] == 0.5
+    assert ev.statistics["r"]["direction"] == "above"
+    assert ev.statistics["r"]["null"]["value"] == 0.1
+    assert "threshold" not in ev.statistics["side"]  # only the headline statistic is judged
+    assert ev.statistics["side"]["layer"] == 5 and type(ev.statistics["side"]["layer"]) is int
+
+
+def test_record_rejects_a_duplicate_name(tmp_path: Path) -> None:
+    ev = _evidence(tmp_path)
+    ev.record("r", exact(0.9, 1))
+    with pytest.raises(ValueError, match="'r' recorded twice for H1"):
+        ev.record("r", exact(0.1, 1))
+
+
+@pytest.mark.parametrize(
+    ("decision", "estimate", "raises", "verdict"),
+    [
+        (ABOVE, Estimate(0.8, 0.7, 0.9, 50, "b"), None, "supported"),
+        (ABOVE, Estimate(0.2, 0.1, 0.3, 50, "b"), ClaimRefuted, "refuted"),
+        (ABOVE, Estimate(0.5, 0.4, 0.6, 50, "b"), ClaimInconclusive, "inconclusive"),
+        (ABOVE, Estimate(math.nan, math.nan, math.nan, 50, "b"), ClaimInconclusive,
+         "inconclusive"),
+        (Decision("r", "between", bounds=(-0.1, 0.1)), exact(0.5, 9), ClaimRefuted, "refuted"),
+        (Decision("r", "below", threshold={"float32": 1e-4}), exact(1e-6, 9), None, "supported"),
+    ],
+)
+def test_judge(tmp_path: Path, decision: Decision, estimate: Estimate,
+               raises: type[Exception] | None, verdict: str) -> None:
+    ev = _evidence(tmp_path, decision)
+    ev.record("r", estimate)
+    if raises is None:
+        assert ev.judge() == verdict
+    else:
+        with pytest.raises(raises) as info:
+            ev.judge()
+        message = str(info.value)
+        assert f"H1 {verdict} on smollm2-135m" in message
+        assert repr(STATEMENT) in message and f"r = {estimate}" in message
+    assert ev.verdict == verdict
+
+
+def test_refuted_and_inconclusive_are_assertion_errors() -> None:
+    # pytest reports them as failures (not errors), and xfail(raises=...) can target them.
+    assert issubclass(ClaimRefuted, AssertionError)
+    assert issubclass(ClaimInconclusive, AssertionError)
+    assert not issubclass(ClaimRefuted, ClaimInconclusive)
+
+
+def test_judge_without_the_headline_statistic_raises(tmp_path: Path) -> None:
+    ev = _evidence(tmp_path)
+    ev.record("other", exact(1.0, 1))
+    with pytest.raises(KeyError, match="headline statistic 'r' was never recorded"):
+        ev.judge()
+    assert ev.verdict is None
+
+
+def test_figure_is_saved_and_listed(tmp_path: Path) -> None:
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, Agg canvas
+
+    ev = _evidence(tmp_path)
+    fig = Figure(figsize=(2, 2))
+    fig.add_subplot().plot([0, 1], [1, 0])
+    path = ev.figure(fig, "scatter")
+    assert path == tmp_path / "figures" / "H1_scatter.png"
+    assert path.read_bytes().startswith(b"\x89PNG")
+    ev.record("r", exact(0.9, 1))
+    record = ev.to_record()
+    assert record["figures"] == ["figures/H1_scatter.png"]
+    doc = {"schema_version": SCHEMA_VERSION, "subject_id": "s", "provenance": {},
+           "claims": [record]}
+    assert "![figures/H1_scatter.png](figures/H1_scatter.png)" in render_markdown(doc)
+
+
+# --- EvidenceWriter -----------------------------------------------------------------------
+
+PROVENANCE = {"git": {"commit": "abc", "dirty": False}, "device": "cpu", "dtype": "float32",
+              "seed": 0, "packages": {"numpy": np.__version__}}
+
+
+def _record(ev: ClaimEvidence, test: str, verdict: str) -> dict:
+    return {**ev.to_record(), "verdict": verdict, "test": test, "expected": False}
+
+
+def test_writer_writes_json_and_markdown_after_each_record(tmp_path: Path) -> None:
+    writer = EvidenceWriter(tmp_path / "out", "smollm2-135m", dict(PROVENANCE))
+    ev = _evidence(tmp_path)
+    ev.record("r", Estimate(0.8, 0.7, 0.9, 50, "bootstrap-percentile"), description="median r")
+    writer.add(_record(ev, "test_one", "supported"))
+    doc = _strict_json(writer.json_path.read_text())
+    assert doc["schema_version"] == SCHEMA_VERSION and doc["subject_id"] == "smollm2-135m"
+    assert doc["provenance"] == PROVENANCE
+    assert [c["test"] for c in doc["claims"]] == ["test_one"]
+
+    ev2 = _evidence(tmp_path, Decision("m", "between", bounds=(-0.1, 0.1)), cid="W1")
+    ev2.record("m", exact(0.3, 7))
+    writer.add(_record(ev2, "test_two", "refuted"))
+    assert [c["test"] for c in _strict_json(writer.json_path.read_text())["claims"]] == [
+        "test_one", "test_two"]
+    md = writer.md_path.read_text()
+    assert "# Evidence: smollm2-135m" in md
+    assert "| claim | test | verdict | headline statistic | 95% CI | threshold |" in md
+    assert "| H1 | test_one | supported | r = 0.8 | [0.7, 0.9] | above 0.5 |" in md
+    assert "| W1 | test_two | refuted | m = 0.3 | exact | between [-0.1, 0.1] |" in md
+    assert "| r | 0.8 | [0.7, 0.9] | 50 | bootstrap-percentile |  | median r |" in md
+    assert "- r = 0.9 (gpt2-small L8; paper, table 2)" in md  # published, with provenance
+    assert sorted(p.name for p in writer.directory.iterdir()) == ["evidence.json", "evidence.md"]
+
+
+def test_nan_and_inf_are_written_as_strings_never_hidden(tmp_path: Path) -> None:
+    writer = EvidenceWriter(tmp_path, "s", dict(PROVENANCE))
+    ev = _evidence(tmp_path)
+    ev.record("r", Estimate(math.nan, math.nan, math.nan, 3, "pearson-fisher-z"),
+              null=math.inf, spread=np.float32("nan"))
+    writer.add(_record(ev, "test_nan", "inconclusive"))
+    stat = _strict_json(writer.json_path.read_text())["claims"][0]["statistics"]["r"]
+    assert stat["estimate"]["value"] == "nan" and stat["estimate"]["ci_low"] == "nan"
+    assert stat["null"] == "inf" and stat["spread"] == "nan"
+    assert "| r | nan | [nan, nan] | 3 |" in writer.md_path.read_text()
+
+
+def test_atomic_write_leaves_the_old_file_when_the_replace_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "evidence.json"
+    atomic_write_text(target, '{"claims": []}\n')
+
+    def crash(src, dst):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        atomic_write_text(target, '{"claims": [1, 2')
+    assert json.loads(target.read_text()) == {"claims": []}
+    assert [p.name for p in tmp_path.iterdir()] == ["evidence.json"]  # no temp file left
+
+
+def test_an_unserialisable_record_leaves_the_previous_report(tmp_path: Path) -> None:
+    writer = EvidenceWriter(tmp_path, "s", dict(PROVENANCE))
+    ev = _evidence(tmp_path)
+    ev.record("r", exact(0.9, 1))
+    writer.add(_record(ev, "test_ok", "supported"))
+    with pytest.raises(TypeError):
+        writer.add({**_record(ev, "test_bad", "supported"), "oops": object()})
+    assert [c["test"] for c in _strict_json(writer.json_path.read_text())["claims"]] == ["test_ok"]
+
+
+def test_a_concurrent_reader_always_sees_a_whole_report(tmp_path: Path) -> None:
+    writer = EvidenceWriter(tmp_path, "s", {**PROVENANCE, "padding": "x" * 200_000})
+    ev = _evidence(tmp_path)
+    ev.record("r", exact(0.9, 1))
+    writer.add(_record(ev, "test_0", "supported"))
+    done = threading.Event()
+
+    def write() -> None:
+        for i in range(1, 40):
+            writer.add(_record(ev, f"test_{i}", "supported"))
+        done.set()
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    reads = 0
+    while not done.is_set() or reads == 0:
+        doc = _strict_json(writer.json_path.read_text())  # a torn file would fail here
+        assert doc["claims"][0]["test"] == "test_0"
+        reads += 1
+    thread.join()
+    assert len(_strict_json(writer.json_path.read_text())["claims"]) == 40

@@ -1,0 +1,459 @@
+"""The pytest plugin, run on throwaway projects through pytester.
+
+Every project gets its own small registry and a conftest loading ``harness.pytest_plugin``;
+its claim tests use only ``evidence``, ``claim``, ``rng`` and ``run_state`` (no real model).
+In-process runs are cheap (the heavy imports are already loaded); the three subprocess runs
+(a crash, xdist, an offline hub subject) each batch several checks because every one pays
+for importing torch again.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+SUBJECT = "smollm2-135m"
+
+REGISTRY = """\
+schema_version: 1
+claims:
+  H1:
+    family: H
+    title: a large statistic
+    source: a test source
+    statement: The statistic r is large.
+    definition: r as the test records it
+    decision: {statistic: r, direction: above, threshold: 0.5}
+  H2:
+    family: H
+    title: a tiny error
+    source: a test source
+    statement: The error is tiny.
+    definition: max error
+    decision:
+      statistic: err
+      direction: below
+      threshold: {float32: 1.0e-4, float64: 1.0e-10}
+    expected: {smollm2-135m: refuted}
+  W1:
+    family: W
+    title: near zero
+    source: a test source
+    statement: The mean is near zero.
+    definition: mean
+    decision: {statistic: m, direction: between, bounds: [-0.1, 0.1]}
+    expected: {smollm2-135m: refuted}
+"""
+
+CONFTEST = 'pytest_plugins = ["harness.pytest_plugin"]\n'
+
+HEADER = """\
+import pytest
+from harness.stats import Estimate, exact
+"""
+
+
+def _project(pytester: pytest.Pytester, tests: str, registry: str = REGISTRY,
+             conftest: str = CONFTEST) -> None:
+    pytester.makeini("[pytest]\n")  # pins the rootdir: the registry is fixtures/claims.yaml
+    (pytester.path / "fixtures").mkdir()
+    (pytester.path / "fixtures" / "claims.yaml").write_text(registry, encoding="utf-8")
+    pytester.makeconftest(conftest)
+    pytester.makepyfile(test_claims=HEADER + tests)
+
+
+def _records(path: Path) -> dict[str, dict]:
+    """Claim records of an evidence.json, by test name (each test at most once)."""
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    names = [c["test"] for c in doc["claims"]]
+    assert len(names) == len(set(names)), f"a test recorded twice: {names}"
+    return {c["test"]: c for c in doc["claims"]}
+
+
+def _run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest("-p", "no:cacheprovider", *args)
+
+
+# --- verdicts and the report (in process) -------------------------------------------------
+
+SUPPORTED = """
+import numpy as np
+from harness.stats import claim_rng
+
+@pytest.mark.claim(id="H1")
+def test_big(evidence, claim, rng, run_state):
+    assert claim.id == "H1" and run_state.spec.id == "smollm2-135m"
+    assert np.array_equal(rng.random(3), claim_rng(run_state.seed, "H1").random(3))
+    evidence.record("r", Estimate(0.8, 0.7, 0.9, 50, "bootstrap-percentile"), description="r")
+    evidence.note("a note,   with   spaces")
+    assert evidence.judge() == "supported"
+
+def test_not_a_claim():
+    pass
+"""
+
+
+def test_supported_claim_passes_and_writes_the_report(pytester: pytest.Pytester) -> None:
+    _project(pytester, SUPPORTED)
+    ev = pytester.path / "ev"
+    result = _run(pytester, f"--evidence-dir={ev}", "--seed=3", "--dtype=float64")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines([
+        f"*claims on {SUBJECT}*",
+        "claim*test*verdict*headline statistic*95% CI*threshold",
+        "H1*test_big*supported*r = 0.8*[0.7, 0.9]*above 0.5",
+        f"evidence: {ev / SUBJECT / 'evidence.json'}*",
+    ])
+
+    doc = json.loads((ev / SUBJECT / "evidence.json").read_text())
+    assert doc["schema_version"] == "1.0" and doc["subject_id"] == SUBJECT
+    prov = doc["provenance"]
+    assert {"commit", "dirty"} <= set(prov["git"])
+    assert prov["packages"]["pytest"] == pytest.__version__
+    assert (prov["device"], prov["dtype"], prov["seed"]) == ("cpu", "float64", 3)
+    [record] = doc["claims"]  # the non-claim test adds nothing
+    assert (record["id"], record["verdict"], record["test"]) == ("H1", "supported", "test_big")
+    assert record["statement"] == "The statistic r is large."
+    assert record["statistics"]["r"]["estimate"] == {
+        "value": 0.8, "ci_low": 0.7, "ci_high": 0.9, "n": 50,
+        "method": "bootstrap-percentile", "confidence": 0.95}
+    assert record["statistics"]["r"]["threshold"] == 0.5
+    assert record["notes"] == ["a note, with spaces"]
+    assert record["expected"] is False and record["outcome"] == "passed"
+    assert record["duration_s"] >= 0
+
+    md = (ev / SUBJECT / "evidence.md").read_text()
+    assert "| claim | test | verdict | headline statistic | 95% CI | threshold |" in md
+    assert "| H1 | test_big | supported | r = 0.8 | [0.7, 0.9] | above 0.5 |" in md
+    assert "seed 3" in md and "dtype float64" in md
+
+
+VERDICTS = """
+@pytest.mark.claim(id="H1")
+def test_refuted(evidence):
+    evidence.record("r", Estimate(0.2, 0.1, 0.3, 50, "bootstrap-percentile"))
+    evidence.judge()
+
+@pytest.mark.claim(id="H1")
+def test_inconclusive(evidence):
+    evidence.record("r", Estimate(0.5, 0.4, 0.6, 50, "bootstrap-percentile"))
+    evidence.judge()
+
+@pytest.mark.claim(id="H2")
+def test_expected_refutation(evidence):
+    evidence.record("err", exact(0.5, 10))
+    evidence.judge()
+
+@pytest.mark.claim(id="W1")
+def test_flips_to_supported(evidence):
+    evidence.record("m", exact(0.0, 10))
+    evidence.judge()
+
+@pytest.mark.claim(id="H1")
+def test_breaks(evidence):
+    raise RuntimeError("boom")
+"""
+
+
+def test_refuted_inconclusive_expected_and_flipped_verdicts(pytester: pytest.Pytester) -> None:
+    _project(pytester, VERDICTS)
+    ev = pytester.path / "ev"
+    result = _run(pytester, f"--evidence-dir={ev}", "-rA")
+    result.assert_outcomes(failed=4, xfailed=1)
+    result.stdout.fnmatch_lines([
+        # refuted: the failure quotes the statement and the estimate
+        "*ClaimRefuted: H1 refuted on smollm2-135m: 'The statistic r is large.' *"
+        " r = 0.2 [0.1, 0.3] (n=50), claim needs it above 0.5",
+    ])
+    result.stdout.fnmatch_lines([
+        "*ClaimInconclusive: H1 inconclusive on smollm2-135m: *r = 0.5 [0.4, 0.6] (n=50)*",
+    ])
+    result.stdout.fnmatch_lines([
+        "XFAIL test_claims.py::test_expected_refutation*H2 recorded as refuted on smollm2-135m*",
+    ])
+    # An expected refutation that now passes is a failure: the flip is caught.
+    result.stdout.fnmatch_lines(["*[[]XPASS(strict)[]] W1 recorded as refuted on smollm2-135m*"])
+
+    records = _records(ev / SUBJECT / "evidence.json")
+    assert set(records) == {"test_refuted", "test_inconclusive", "test_expected_refutation",
+                            "test_flips_to_supported", "test_breaks"}
+    refuted = records["test_refuted"]
+    assert (refuted["verdict"], refuted["outcome"]) == ("refuted", "failed")
+    assert refuted["reason"].startswith("H1 refuted on smollm2-135m: 'The statistic r is large.'")
+    assert records["test_inconclusive"]["verdict"] == "inconclusive"
+    expected = records["test_expected_refutation"]
+    assert (expected["verdict"], expected["expected"], expected["outcome"]) == (
+        "refuted", True, "skipped")
+    flipped = records["test_flips_to_supported"]
+    assert (flipped["verdict"], flipped["expected"], flipped["outcome"]) == (
+        "supported", False, "failed")
+    assert "differs from the verdict recorded" in flipped["reason"]
+    broken = records["test_breaks"]
+    assert (broken["verdict"], broken["reason"]) == ("error", "RuntimeError: boom")
+
+    md = (ev / SUBJECT / "evidence.md").read_text()
+    assert "| H2 | test_expected_refutation | refuted (expected) | err = 0.5 | exact | below 0.0001 |" in md
+    assert "| W1 | test_flips_to_supported | supported | m = 0 | exact | between [-0.1, 0.1] |" in md
+
+
+# --- usage errors (in process) ------------------------------------------------------------
+
+VALID_TEST = """
+@pytest.mark.claim(id="H1")
+def test_ok(evidence):
+    evidence.record("r", exact(0.9, 1))
+    evidence.judge()
+"""
+
+
+def _marked(marker: str) -> str:
+    return f"\n{marker}\ndef test_marked(evidence):\n    pass\n"
+
+
+@pytest.mark.parametrize(
+    ("tests", "registry_edit", "args", "message"),
+    [
+        pytest.param(_marked('@pytest.mark.claim(id="H9")'), None, [],
+                     "test_claims.py::test_marked: unknown claim id 'H9'; the registry "
+                     "(*claims.yaml) knows H1, H2, W1", id="unknown-id"),
+        pytest.param(_marked('@pytest.mark.claim("H1")'), None, [],
+                     "*the claim marker takes exactly id=...; got args ('H1',), kwargs []",
+                     id="positional-marker"),
+        pytest.param(_marked('@pytest.mark.claim(id="H1", threshold=0.3)'), None, [],
+                     "*the claim marker takes exactly id=...*kwargs ['id', 'threshold']",
+                     id="extra-marker-kwarg"),
+        pytest.param(_marked("@pytest.mark.claim"), None, [],
+                     "*the claim marker takes exactly id=...*", id="bare-marker"),
+        pytest.param(_marked('@pytest.mark.claim(id="H1")\n@pytest.mark.claim(id="H2")'), None,
+                     [], "*test_marked: more than one claim marker", id="two-markers"),
+        pytest.param(VALID_TEST, None, ["--subject", "gpt3-huge"],
+                     "unknown subject 'gpt3-huge': known subjects are gpt2-small, smollm2-135m, "
+                     "solu-1l, solu-2l*", id="unknown-subject"),
+        pytest.param(VALID_TEST, None, ["--subject", "ckpt"],
+                     "*ckpt is not a Hugging Face checkpoint directory (no config.json in it)",
+                     id="subject-dir-without-config"),
+        pytest.param(VALID_TEST, None, ["--device", "cuda"],
+                     "--device cuda asked for, but torch sees no CUDA device here",
+                     id="absent-cuda"),
+        pytest.param(VALID_TEST, None, ["--dtype", "nonsense"],
+                     "unknown dtype 'nonsense'; choose one of *", id="bad-dtype"),
+        pytest.param(VALID_TEST, ("    title: near zero\n", "    title: x\n    tolerance: 1\n"),
+                     [], "*claim W1: unknown keys ['tolerance'], missing keys []",
+                     id="registry-unknown-key"),
+        pytest.param(VALID_TEST, ("{smollm2-135m: refuted}", "{smollm2-135m: passes}"), [],
+                     "*claim H2: expected verdicts {'smollm2-135m': 'passes'} not in *",
+                     id="registry-bad-verdict"),
+        pytest.param(VALID_TEST, ("direction: above", "direction: upward"), [],
+                     "*claim H1: direction must be one of *, not 'upward'",
+                     id="registry-bad-direction"),
+        pytest.param(VALID_TEST, ("  W1:\n", "  H2:\n"), [],
+                     "*not valid YAML*", id="registry-duplicate-id"),
+    ],
+)
+def test_usage_errors(pytester: pytest.Pytester, tests: str,
+                      registry_edit: tuple[str, str] | None, args: list[str],
+                      message: str) -> None:
+    if "--device" in args:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA: --device cuda is valid here")
+    registry = REGISTRY
+    if registry_edit is not None:
+        assert registry_edit[0] in registry
+        registry = registry.replace(*registry_edit, 1)
+    _project(pytester, tests, registry=registry)
+    (pytester.path / "ckpt").mkdir()
+    result = _run(pytester, f"--evidence-dir={pytester.path / 'ev'}", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    errors = [line for line in result.errlines if line.startswith("ERROR:")]
+    assert len(errors) == 1, result.errlines  # one line says what is wrong
+    result.stderr.fnmatch_lines([f"ERROR: {message}"])
+    assert not (pytester.path / "ev").exists()  # nothing measured, nothing reported
+
+
+def test_duplicate_id_error_names_the_id(pytester: pytest.Pytester) -> None:
+    _project(pytester, VALID_TEST, registry=REGISTRY.replace("  W1:\n", "  H2:\n"))
+    result = _run(pytester)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "found duplicate key 'H2'" in result.stderr.str()
+
+
+# --- subprocess runs ----------------------------------------------------------------------
+
+CRASH = """
+import os
+
+@pytest.mark.claim(id="H1")
+def test_first(evidence):
+    evidence.record("r", exact(0.9, 1))
+    evidence.judge()
+
+@pytest.mark.claim(id="H1")
+def test_second(evidence):
+    evidence.record("r", exact(0.8, 1))
+    os._exit(1)  # the interpreter dies: no teardown, no session finish
+
+@pytest.mark.claim(id="W1")
+def test_third(evidence):
+    pass
+"""
+
+
+def test_a_crash_keeps_what_was_already_measured(pytester: pytest.Pytester) -> None:
+    _project(pytester, CRASH)
+    # A relative --evidence-dir is relative to where pytest was invoked.
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--evidence-dir=out/ev",
+                                           timeout=120)
+    assert result.ret == 1
+    records = _records(pytester.path / "out" / "ev" / SUBJECT / "evidence.json")
+    assert list(records) == ["test_first"]
+    assert records["test_first"]["verdict"] == "supported"
+    md = (pytester.path / "out" / "ev" / SUBJECT / "evidence.md").read_text()
+    assert "| H1 | test_first | supported |" in md
+
+
+XDIST_CONFTEST = '''
+import dataclasses
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import harness.evidence
+from harness.pytest_plugin import STATE
+
+pytest_plugins = ["harness.pytest_plugin"]
+
+# Log every report write with the writing process, to show only the controller writes.
+HERE = Path(__file__).parent
+_flush = harness.evidence.EvidenceWriter.flush
+
+
+def _logged_flush(self):
+    with (HERE / "flushes.log").open("a") as fh:
+        fh.write(f"{os.getpid()} {len(self.records)}\\n")
+    _flush(self)
+
+
+harness.evidence.EvidenceWriter.flush = _logged_flush
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):
+        (HERE / "controller.pid").write_text(str(os.getpid()))
+
+
+@pytest.fixture(scope="session")
+def tiny_shared_model(request):
+    """A 1-layer HookedTransformer placed where the session keeps its loaded subjects."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    model = HookedTransformer(HookedTransformerConfig(
+        n_layers=1, d_model=8, n_ctx=8, d_head=4, n_heads=2, d_vocab=10, act_fn="relu"))
+    state = request.config.stash[STATE]
+    key = dataclasses.replace(state.spec, name="tiny", kind="path", source="<memory>")
+    state.store._loaded[key] = SimpleNamespace(model=model)
+    return model
+'''
+
+XDIST_RECORDS = """
+@pytest.mark.claim(id="H1")
+def test_a(evidence):
+    evidence.record("r", exact(0.9, 1))
+    evidence.judge()
+
+@pytest.mark.claim(id="H1")
+def test_b(evidence):
+    evidence.record("r", exact(0.1, 1))
+    evidence.judge()
+
+@pytest.mark.claim(id="W1")
+def test_c(evidence):
+    evidence.record("m", exact(0.0, 1))
+    evidence.judge()
+
+@pytest.mark.claim(id="H2")
+def test_d(evidence, rng):
+    evidence.record("err", exact(rng.random() * 1e-6, 1))
+    evidence.judge()
+"""
+
+XDIST_SHARED_MODEL = """
+import torch
+
+CALLS = []
+
+@pytest.mark.claim(id="H1")
+def test_needs_hub_weights(subject, evidence):
+    evidence.record("r", exact(0.9, 1))
+
+def test_leaves_a_torch_hook(tiny_shared_model):
+    tiny_shared_model.blocks[0].mlp.register_forward_hook(lambda m, i, o: CALLS.append(1))
+
+def test_leaves_a_lens_hook(tiny_shared_model):
+    tiny_shared_model.add_hook("blocks.0.hook_resid_pre", lambda x, hook: CALLS.append(2))
+
+def test_the_model_is_clean_after_the_leaks(tiny_shared_model):
+    tiny_shared_model(torch.tensor([[1, 2, 3]]))
+    assert CALLS == []
+
+def test_hooks_inside_a_context_are_fine(tiny_shared_model):
+    with tiny_shared_model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: None)]):
+        tiny_shared_model(torch.tensor([[1, 2, 3]]))
+"""
+
+
+def test_xdist_hub_subject_and_hook_leaks(pytester: pytest.Pytester,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """One ``-n 2 --subject gpt2-small`` run, offline with an empty HF cache:
+
+    - the controller alone writes the report, and it holds every claim test's record;
+    - a claim needing the hub subject is skipped as unavailable, with the reason recorded;
+    - a test leaving a hook on a shared model fails with "left hooks", and the hooks are
+      removed, so the next test sees a clean model.
+    """
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(pytester.path / "empty_hf_home"))
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    _project(pytester, XDIST_RECORDS, conftest=XDIST_CONFTEST)
+    pytester.makepyfile(test_shared_model=HEADER + XDIST_SHARED_MODEL)
+    ev = pytester.path / "ev"
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-n", "2", "--dist", "loadfile", "--subject", "gpt2-small",
+        f"--evidence-dir={ev}", "-rA", timeout=300,
+    )
+    result.assert_outcomes(passed=7, failed=1, skipped=1, errors=2)
+
+    # every claim record, once, written by the controller only, after each record
+    records = _records(ev / "gpt2-small" / "evidence.json")
+    assert set(records) == {"test_a", "test_b", "test_c", "test_d", "test_needs_hub_weights"}
+    assert [records[t]["verdict"] for t in ("test_a", "test_b", "test_c", "test_d")] == [
+        "supported", "refuted", "supported", "supported"]  # no expected verdicts for gpt2-small
+    controller = (pytester.path / "controller.pid").read_text()
+    flushes = [line.split() for line in (pytester.path / "flushes.log").read_text().splitlines()]
+    assert {pid for pid, _ in flushes} == {controller}
+    assert [int(n) for _, n in flushes] == [1, 2, 3, 4, 5]
+    result.stdout.fnmatch_lines(["*claims on gpt2-small*"])
+
+    # the hub subject is unavailable offline: skipped, with the reason in the report
+    hub = records["test_needs_hub_weights"]
+    assert (hub["verdict"], hub["outcome"]) == ("unavailable", "skipped")
+    assert hub["reason"].startswith("unavailable: gpt2-small:") and "hub" in hub["reason"]
+    result.stdout.fnmatch_lines(["SKIPPED*unavailable: gpt2-small: *hub*"])
+
+    # leaked hooks: both kinds are caught, and cleaned up for the next test
+    result.stdout.fnmatch_lines([
+        "ERROR *test_leaves_a_torch_hook*left hooks attached to the shared model: ['blocks.0.mlp']",
+    ])
+    result.stdout.fnmatch_lines([
+        "ERROR *test_leaves_a_lens_hook*left hooks attached to the shared model: "
+        "['blocks.0.hook_resid_pre']",
+    ])
+    result.stdout.fnmatch_lines(["PASSED *test_the_model_is_clean_after_the_leaks"])
