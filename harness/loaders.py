@@ -12,6 +12,7 @@ with ``hf_model=``), so nothing here re-implements a conversion.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 import socket
@@ -184,6 +185,9 @@ def random_twin(spec: SubjectSpec) -> Any:
         cfg = tl_config(_hf_config(spec), spec)
         where, kwargs = _from_pretrained_kwargs(spec)
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    # TL's pretrained configs say init_weights=False (weights are about to be overwritten):
+    # left so, the parameters would be uninitialised memory.
+    cfg = dataclasses.replace(cfg, init_weights=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.init_seed)
         model = HookedTransformer(cfg, tokenizer, move_to_device=False)
@@ -282,8 +286,10 @@ def load_subject(
     else:
         hf_model, tokenizer = hf_loader(spec)
         model = hooked_from_hf(hf_model, tokenizer, spec)
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         p.requires_grad_(False)
+        if not torch.isfinite(p).all():
+            raise SubjectError(f"{spec.id}: parameter {name} has non-finite values after loading")
     return LoadedSubject(
         spec=spec,
         model=model,

@@ -257,6 +257,10 @@ def _no_leaked_hooks(request: pytest.FixtureRequest) -> Iterator[None]:
         leaked = _leaked_hooks(model)
         if leaked:
             model.reset_hooks(including_permanent=True)
+            for mod in model.modules():  # reset_hooks only removes hooks added through TL
+                mod._forward_hooks.clear()
+                mod._forward_pre_hooks.clear()
+                mod._backward_hooks.clear()
             pytest.fail(f"test left hooks attached to the shared model: {leaked[:5]}", pytrace=False)
 
 

@@ -133,7 +133,7 @@ def _claim_from(cid: str, raw: Any, where: str) -> Claim:
             dec["bounds"] = tuple(float(b) for b in dec["bounds"])
         decision = Decision(**dec)
         published = tuple(Published(**p) for p in raw.get("published") or ())
-    except TypeError as exc:
+    except (TypeError, RegistryError) as exc:
         raise RegistryError(f"{where}: claim {cid}: {exc}") from None
     expected = dict(raw.get("expected") or {})
     bad = {k: v for k, v in expected.items() if v not in VERDICTS}
@@ -208,13 +208,18 @@ class Registry:
             raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
         except FileNotFoundError:
             raise RegistryError(f"claim registry {path} does not exist") from None
-        except yaml.YAMLError as exc:
-            raise RegistryError(f"claim registry {path} is not valid YAML: {exc}") from None
+        except yaml.YAMLError as exc:  # one line: what is wrong and where
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or exc
+            raise RegistryError(f"claim registry {path} is not valid YAML: {problem}{at}") from None
         if not isinstance(raw, Mapping) or set(raw) != {"schema_version", "claims"}:
             raise RegistryError(f"{path}: top level must hold exactly schema_version and claims")
         if raw["schema_version"] != SCHEMA_VERSION:
             raise RegistryError(
                 f"{path}: schema_version {raw['schema_version']!r}, this code reads {SCHEMA_VERSION}"
             )
+        if not isinstance(raw["claims"], Mapping):
+            raise RegistryError(f"{path}: claims must be a mapping from claim id to claim")
         claims = {str(cid): _claim_from(str(cid), c, str(path)) for cid, c in raw["claims"].items()}
         return cls(claims=MappingProxyType(claims), path=str(path), schema_version=SCHEMA_VERSION)

@@ -123,9 +123,11 @@ def test_threshold_for_a_missing_dtype_raises(tmp_path: Path) -> None:
         pytest.param("  W1:\n", "  w1:\n", "not of the form", id="bad-id"),
         pytest.param("{smollm2-135m: refuted}", "{smollm2-135m: wrong}",
                      "expected verdicts {'smollm2-135m': 'wrong'}", id="bad-verdict"),
-        pytest.param("direction: below", "direction: sideways", "direction must be one of",
+        pytest.param("direction: below", "direction: sideways",
+                     "claim H1: direction must be one of",
                      id="bad-direction"),
-        pytest.param(", bounds: [-0.1, 0.1]", "", "'between' needs bounds", id="between-no-bounds"),
+        pytest.param(", bounds: [-0.1, 0.1]", "", "claim W1: direction 'between' needs bounds",
+                     id="between-no-bounds"),
         pytest.param("bounds: [-0.1, 0.1]", "bounds: [0.1, -0.1]", "low < high",
                      id="between-inverted-bounds"),
         pytest.param("      threshold: {float32: 1.0e-4, float64: 1.0e-10}\n", "",
@@ -137,7 +139,8 @@ def test_threshold_for_a_missing_dtype_raises(tmp_path: Path) -> None:
         pytest.param("schema_version: 1", "schema_version: 2", "schema_version 2", id="schema"),
         pytest.param("schema_version: 1\n", "schema_version: 1\nextra: 1\n",
                      "exactly schema_version and claims", id="top-level-key"),
-        pytest.param("  W1:\n", "  H1:\n", "found duplicate key 'H1'", id="duplicate-id"),
+        pytest.param("  W1:\n", "  H1:\n", "found duplicate key 'H1' at line 18, column 3",
+                     id="duplicate-id"),
         pytest.param("    title: a range\n", "    title: a range\n    title: again\n",
                      "found duplicate key 'title'", id="duplicate-field"),
         pytest.param("    statement: near zero\n", "    statement: [near zero\n",
@@ -148,6 +151,12 @@ def test_malformed_registry_raises(tmp_path: Path, old: str, new: str, message: 
     assert old in GOOD, "the test's edit must apply"
     with pytest.raises(RegistryError, match=message):
         Registry.load(_write(tmp_path, GOOD.replace(old, new, 1)))
+
+
+@pytest.mark.parametrize("claims", ["", "[H1, H2]", "H1"])
+def test_claims_must_be_a_mapping(tmp_path: Path, claims: str) -> None:
+    with pytest.raises(RegistryError, match="claims must be a mapping"):
+        Registry.load(_write(tmp_path, f"schema_version: 1\nclaims: {claims}\n"))
 
 
 def test_missing_registry_file_raises(tmp_path: Path) -> None:
