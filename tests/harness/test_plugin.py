@@ -2,9 +2,9 @@
 
 Every project gets its own small registry and a conftest loading ``harness.pytest_plugin``;
 its claim tests use only ``evidence``, ``claim``, ``rng`` and ``run_state`` (no real model).
-In-process runs are cheap (the heavy imports are already loaded); the three subprocess runs
-(a crash, xdist, an offline hub subject) each batch several checks because every one pays
-for importing torch again.
+In-process runs are cheap (the heavy imports are already loaded). The two subprocess runs (a
+crash; xdist with an offline hub subject and a shared model) batch several checks, because
+each process pays for importing torch (and transformer-lens) again.
 """
 
 from __future__ import annotations

