@@ -18,10 +18,10 @@ import logging
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import torch
