@@ -78,7 +78,7 @@ def test_pre_activation_identity(processed, evidence):
     pre = _worst((cache[f"blocks.{l}.mlp.hook_pre"], hookmath.expected_pre(model, cache, l)) for l in layers)
     evidence.record("max_rel_error", exact(pre["max_rel_error"], n_entries),
                     description="hook_pre vs LN2(resid_mid) @ W (+ b), all layers/positions/neurons",
-                    weight_processing=loaded.spec.processing.as_kwargs())
+                    weight_processing=loaded.spec.processing.as_kwargs(), weight_hash=loaded.weight_hash)
     evidence.record("max_abs_error", exact(pre["max_abs_error"], n_entries),
                     description="same, absolute")
     if model.cfg.gated_mlp:
@@ -111,7 +111,8 @@ def test_activation_function_identity(processed, evidence):
     n_entries = int(batch.tokens.numel() * model.cfg.d_mlp * model.cfg.n_layers)
     evidence.record("max_rel_error", exact(post["max_rel_error"], n_entries),
                     description=f"hook_post vs act_fn(hook_pre) (act_fn {model.cfg.act_fn}, "
-                    f"gated {model.cfg.gated_mlp})", weight_processing=loaded.spec.processing.as_kwargs())
+                    f"gated {model.cfg.gated_mlp})", weight_processing=loaded.spec.processing.as_kwargs(),
+                    weight_hash=loaded.weight_hash)
     evidence.record("max_abs_error", exact(post["max_abs_error"], n_entries), description="same, absolute")
     evidence.judge()
 
@@ -194,6 +195,11 @@ def test_raw_projection_is_not_the_activation(unfolded, sentences_last, evidence
     evidence.note("Unfolded weights for the all-positions variants; fix_both is the MLP's real input, so its r "
                   "is 1 up to float error (H1). Gated MLP: W = W_gate." if model.cfg.gated_mlp else
                   "Unfolded weights; fix_both is the MLP's real input (r = 1 by H1).")
+    med = {k: _median_r(v) for k, v in rs.items()}
+    evidence.note(f"Which mistake explains how much (median r over all layers and neurons): raw "
+                  f"{med['raw']:.3f}; fixing the hook alone (resid_mid) {med['fix_hook']:.3f}; fixing "
+                  f"the normalisation alone (LN2 of resid_pre) {med['fix_norm']:.3f}; both {med['fix_both']:.3f}. "
+                  f"Unprocessed weights, sha256 {loaded.weight_hash[:16]}.")
     _figure_h2(evidence, per_layer, rs)
     evidence.judge()
 
