@@ -55,6 +55,10 @@ class Batch:
     tokens: torch.Tensor  # (batch, pos) int64
     mask: torch.Tensor  # (batch, pos) bool, True at real tokens (BOS included when prepended)
     lengths: torch.Tensor  # (batch,) int64
+    has_bos: bool = True
+    """Whether position 0 of every row is a prepended BOS."""
+    truncated: tuple[int, ...] = ()
+    """Indices of texts cut to the model's context length (reported, never silent)."""
 
     @property
     def last_index(self) -> torch.Tensor:  # (batch,) position of each row's last real token
@@ -66,14 +70,62 @@ def tokenize(model: Any, texts: list[str], *, prepend_bos: bool = True) -> Batch
     real token id, e.g. GPT-2's BOS, so the mask is never inferred from token values)."""
     if not texts:
         raise ValueError("no texts to tokenize")
-    rows = [model.to_tokens(t, prepend_bos=prepend_bos, truncate=True)[0] for t in texts]
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
+            raise ValueError(f"text {i} is empty or whitespace-only: {t!r}")
+    n_ctx = model.cfg.n_ctx
+    rows, truncated = [], []
+    for i, t in enumerate(texts):
+        row = model.to_tokens(t, prepend_bos=prepend_bos, truncate=False)[0]
+        if len(row) > n_ctx:  # truncate, and say so: the caller records it in the evidence
+            row, truncated = row[:n_ctx], [*truncated, i]
+        rows.append(row)
     lengths = torch.tensor([len(r) for r in rows])
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     tokens = torch.full((len(rows), int(lengths.max())), pad, dtype=torch.long)
     for i, r in enumerate(rows):
         tokens[i, : len(r)] = r
     mask = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
-    return Batch(tokens=tokens.to(model.cfg.device), mask=mask, lengths=lengths)
+    return Batch(tokens=tokens.to(model.cfg.device), mask=mask, lengths=lengths,
+                 has_bos=prepend_bos, truncated=tuple(truncated))
+
+
+@dataclass(frozen=True)
+class PoolingPolicy:
+    """How per-token activations become one vector per text (recorded with every pooled claim)."""
+
+    mask_padding: bool = True
+    """Average over real tokens only. False reproduces the source's bug: pads are averaged in."""
+    keep_bos: bool = True
+    """Include the BOS position. GPT-2's pad id equals its BOS id, so a mask built from token
+    ids silently drops BOS; here it is an explicit choice."""
+
+    @property
+    def name(self) -> str:
+        return f"{'masked' if self.mask_padding else 'unmasked'}-{'bos' if self.keep_bos else 'nobos'}"
+
+    def to_dict(self) -> dict:
+        return {"mask_padding": self.mask_padding, "keep_bos": self.keep_bos, "name": self.name}
+
+
+POOLING_POLICIES = tuple(PoolingPolicy(m, b) for m in (True, False) for b in (True, False))
+
+
+def pool(acts: torch.Tensor, batch: Batch, policy: PoolingPolicy) -> torch.Tensor:
+    """Mean over positions per text: (batch, pos, d) -> (batch, d).
+
+    masked:   mean over positions p with mask[b, p] (and p > 0 unless keep_bos)
+    unmasked: mean over every position 0..P-1 of the padded batch (p > 0 unless keep_bos)
+    """
+    weights = batch.mask.clone() if policy.mask_padding else torch.ones_like(batch.mask)  # (batch, pos)
+    if batch.has_bos and not policy.keep_bos:
+        weights[:, 0] = False
+    counts = weights.sum(dim=1, keepdim=True)  # (batch, 1)
+    if (counts == 0).any():
+        empty = torch.nonzero(counts[:, 0] == 0).flatten().tolist()
+        raise ValueError(f"texts {empty} have no position left to pool under {policy.name}")
+    w = weights.to(acts.device, acts.dtype).unsqueeze(-1)  # (batch, pos, 1)
+    return (acts * w).sum(dim=1) / counts.to(acts.device, acts.dtype)  # (batch, d)
 
 
 @torch.no_grad()

@@ -1,0 +1,192 @@
+"""The background corpus: built offline and deterministically from what pip and Python install.
+
+Sources (all ship with CPython itself, so every machine has them without a download):
+
+- ``pydoc_topics``: the Python reference's topic texts (``pydoc_data.topics``), technical
+  English prose;
+- ``stdlib_docstrings``: module, class and function docstrings of the standard library
+  (parsed with ``ast``, never imported), English prose with inline code;
+- ``stdlib_source``: the standard library's source code with docstrings left in.
+
+The same Python version and tokenizer give the same tokens; a different Python version gives
+a different stdlib and so a different corpus hash, which is why the hash and the Python version
+go into the evidence. Documents are shuffled by a seeded generator, concatenated per source,
+tokenized without special tokens, cut into windows of ``context_len - 1`` tokens and given a
+BOS; contexts are then drawn per source by ``weights``.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import os
+import sys
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+SOURCES = ("pydoc_topics", "stdlib_docstrings", "stdlib_source")
+_SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "lib2to3", "__pycache__",
+              "turtledemo", "ensurepip", "dist-packages", "pydoc_data", "encodings"}
+"""Tests, GUI demos, vendored wheels, and codec tables (pages of hex literals)."""
+MAX_SOURCE_CHARS = 20_000
+"""Per-file cap for ``stdlib_source`` so a few huge modules do not dominate."""
+
+
+class CorpusError(ValueError):
+    """A recipe that cannot be built."""
+
+
+@dataclass(frozen=True)
+class CorpusRecipe:
+    """Everything that determines the corpus (with the tokenizer and the Python version)."""
+
+    n_contexts: int = 2048
+    """Number of contexts (rows)."""
+    context_len: int = 128
+    """Tokens per context, BOS included."""
+    seed: int = 0
+    """Seed of the document shuffle and of the context draw."""
+    sources: tuple[str, ...] = SOURCES
+    """Which sources to mix (names from SOURCES)."""
+    weights: tuple[float, ...] = (0.4, 0.3, 0.3)
+    """Share of contexts from each source, in the order of ``sources``."""
+
+    def __post_init__(self) -> None:
+        if self.n_contexts < 1 or self.context_len < 2:
+            raise CorpusError("need n_contexts >= 1 and context_len >= 2")
+        unknown = set(self.sources) - set(SOURCES)
+        if unknown or not self.sources:
+            raise CorpusError(f"unknown corpus sources {sorted(unknown)}; known: {SOURCES}")
+        if len(self.weights) != len(self.sources) or any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+            raise CorpusError("weights must be non-negative, one per source, not all zero")
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_contexts * self.context_len
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files: list[Path] = []
+    for dirpath, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
+        files += [Path(dirpath) / n for n in sorted(names) if n.endswith(".py")]
+    return files
+
+
+def _docstrings(path: Path) -> Iterator[str]:
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc and len(doc) > 40:
+                yield doc
+
+
+def documents(source: str) -> list[str]:
+    """The documents of one source, in a fixed order."""
+    if source == "pydoc_topics":
+        from pydoc_data.topics import topics
+
+        return [topics[k] for k in sorted(topics)]
+    if source == "stdlib_docstrings":
+        return [d for f in _stdlib_files() for d in _docstrings(f)]
+    if source == "stdlib_source":
+        out = []
+        for f in _stdlib_files():
+            try:
+                out.append(f.read_text(encoding="utf-8")[:MAX_SOURCE_CHARS])
+            except UnicodeDecodeError:
+                continue
+        return out
+    raise CorpusError(f"unknown corpus source {source!r}")
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Fixed-length token contexts plus where they came from."""
+
+    tokens: torch.Tensor  # (n_contexts, context_len) int64, BOS at position 0
+    source_of: torch.Tensor  # (n_contexts,) int64 index into recipe.sources
+    recipe: CorpusRecipe
+    sha256: str
+    """Hash of the token bytes (the content every harvested statistic depends on)."""
+    tokenizer_sha256: str
+    """Hash of the tokenizer's serialized vocabulary and rules."""
+
+    def provenance(self) -> dict[str, Any]:
+        counts = torch.bincount(self.source_of, minlength=len(self.recipe.sources)).tolist()
+        return {
+            "recipe": self.recipe.to_dict(),
+            "sha256": self.sha256,
+            "n_tokens": int(self.tokens.numel()),
+            "contexts_per_source": dict(zip(self.recipe.sources, counts, strict=True)),
+            "python": sys.version.split()[0],
+            "tokenizer_sha256": self.tokenizer_sha256,
+        }
+
+
+def _windows(tokenizer: Any, docs: list[str], width: int, rng: np.random.Generator) -> torch.Tensor:
+    order = rng.permutation(len(docs))
+    sep = tokenizer.eos_token or "\n\n"
+    text = sep.join(docs[i] for i in order)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    n = len(ids) // width
+    return torch.tensor(ids[: n * width], dtype=torch.long).view(n, width)  # (n_windows, width)
+
+
+def build_corpus(tokenizer: Any, recipe: CorpusRecipe = CorpusRecipe()) -> Corpus:
+    """Tokenize the recipe's sources with ``tokenizer`` (a transformers tokenizer)."""
+    rng = np.random.default_rng([recipe.seed, 0xC0FFEE])
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        raise CorpusError("the tokenizer has no BOS token; contexts need one at position 0")
+    w = np.asarray(recipe.weights, dtype=float)
+    want = np.floor(w / w.sum() * recipe.n_contexts).astype(int)
+    want[np.argmax(w)] += recipe.n_contexts - want.sum()  # rounding remainder to the largest
+    rows, src = [], []
+    for i, (name, n_want) in enumerate(zip(recipe.sources, want, strict=True)):
+        if n_want == 0:
+            continue
+        windows = _windows(tokenizer, documents(name), recipe.context_len - 1, rng)
+        if len(windows) < n_want:
+            raise CorpusError(
+                f"source {name} yields {len(windows)} contexts of {recipe.context_len} tokens, "
+                f"the recipe asks for {n_want}: lower n_contexts or context_len"
+            )
+        pick = np.sort(rng.choice(len(windows), size=int(n_want), replace=False))
+        rows.append(windows[torch.from_numpy(pick)])
+        src.append(torch.full((int(n_want),), i, dtype=torch.long))
+    body = torch.cat(rows)  # (n_contexts, context_len - 1)
+    source_of = torch.cat(src)
+    perm = torch.from_numpy(rng.permutation(len(body)))
+    tokens = torch.cat([torch.full((len(body), 1), bos, dtype=torch.long), body[perm]], dim=1)
+    digest = hashlib.sha256(tokens.numpy().tobytes()).hexdigest()
+    return Corpus(
+        tokens=tokens,
+        source_of=source_of[perm],
+        recipe=recipe,
+        sha256=digest,
+        tokenizer_sha256=tokenizer_hash(tokenizer),
+    )
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """sha256 of a fast tokenizer's JSON serialization (vocabulary, merges, normalizers)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise CorpusError(f"{type(tokenizer).__name__} is not a fast tokenizer; cannot hash it")
+    return hashlib.sha256(backend.to_str().encode()).hexdigest()
