@@ -57,7 +57,8 @@ class ClaimEvidence:
     notes: list[str] = field(default_factory=list)
     figures: list[str] = field(default_factory=list)
     verdict: str | None = None
-    subject: dict | None = None
+    inputs: dict[str, dict] = field(default_factory=dict)
+    """Provenance of what the claim ran on: ``subject``, ``corpus``, ``texts``, ``cache``."""
     started: float = field(default_factory=time.perf_counter)
     estimates: dict[str, Estimate] = field(default_factory=dict)
     """The recorded estimates as measured (``statistics`` holds their JSON-safe form, where a
@@ -133,7 +134,7 @@ class ClaimEvidence:
                 "notes": self.notes,
                 "figures": self.figures,
                 "published": [p.__dict__ for p in self.claim.published],
-                "subject": self.subject,
+                "inputs": self.inputs,
             }
         )
 
@@ -244,8 +245,9 @@ class EvidenceWriter:
         return self.directory / "evidence.md"
 
     def add(self, record: dict) -> None:
-        if record.get("subject") and "subject" not in self.provenance:
-            self.provenance["subject"] = record["subject"]
+        for name, value in (record.get("inputs") or {}).items():
+            # First seen wins; a later claim on different inputs is visible in its own record.
+            self.provenance.setdefault(name, value)
         self.records.append(record)
         self.flush()
 

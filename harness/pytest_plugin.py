@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.corpus import CorpusError, CorpusRecipe
 from harness.evidence import (
     SUMMARY_HEADER,
     ClaimEvidence,
@@ -80,6 +81,9 @@ class RunState:
     spec: SubjectSpec
     seed: int
     evidence_dir: Path
+    cache_dir: Path
+    corpus_recipe: CorpusRecipe
+    texts: object  # harness.texts.TextSet, validated at start-up
     store: SubjectStore = field(default_factory=SubjectStore)
 
 
@@ -103,6 +107,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--evidence-dir", default="evidence", help="report directory (default evidence/)"
     )
+    group.addoption(
+        "--texts", default=None,
+        help="JSONL of categorized texts ({category, text[, split]} per line) used instead of "
+        "fixtures/texts/categorized.jsonl by every claim that uses categorized texts",
+    )
+    group.addoption(
+        "--cache-dir", default=None,
+        help="content-addressed cache of expensive intermediates (default .cache/interp-claims "
+        "under the project root)",
+    )
+    group.addoption("--corpus-contexts", type=int, default=CorpusRecipe.n_contexts,
+                    help=f"background corpus size in contexts (default {CorpusRecipe.n_contexts})")
+    group.addoption("--corpus-context-len", type=int, default=CorpusRecipe.context_len,
+                    help=f"tokens per corpus context (default {CorpusRecipe.context_len})")
     parser.addini("claims_registry", "path of the claim registry", default="fixtures/claims.yaml")
 
 
@@ -116,21 +134,39 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line("markers", "slow: loads a real model or trains something")
     opt = config.option
+    from harness.texts import TextsError, load_texts
+
     try:
         registry = Registry.load(config.rootpath / config.getini("claims_registry"))
         check_device_dtype(opt.device, opt.dtype)
         spec = parse_subject(opt.subject, device=opt.device, dtype=opt.dtype, seed=opt.seed)
-    except (RegistryError, SubjectError) as exc:
+        recipe = CorpusRecipe(n_contexts=opt.corpus_contexts, context_len=opt.corpus_context_len,
+                              seed=opt.seed)
+        texts = load_texts(_resolve(config, opt.texts) if opt.texts else None)
+    except (RegistryError, SubjectError, CorpusError, TextsError) as exc:
         raise pytest.UsageError(str(exc)) from None
-    evidence_dir = Path(opt.evidence_dir)
-    if not evidence_dir.is_absolute():
-        evidence_dir = config.invocation_params.dir / evidence_dir
-    state = RunState(registry=registry, spec=spec, seed=opt.seed, evidence_dir=evidence_dir)
+    state = RunState(
+        registry=registry,
+        spec=spec,
+        seed=opt.seed,
+        evidence_dir=_resolve(config, opt.evidence_dir),
+        cache_dir=_resolve(config, opt.cache_dir) if opt.cache_dir
+        else config.rootpath / ".cache" / "interp-claims",
+        corpus_recipe=recipe,
+        texts=texts,
+    )
+    evidence_dir = state.evidence_dir
     config.stash[STATE] = state
     if not _is_worker(config):
         prov = run_provenance(config.rootpath, device=opt.device, dtype=opt.dtype, seed=opt.seed)
         writer = EvidenceWriter(evidence_dir / spec.id, spec.id, prov)
         config.pluginmanager.register(EvidenceReporter(writer), "interp-claims-evidence")
+
+
+def _resolve(config: pytest.Config, path: str) -> Path:
+    """A user-given path, relative to where pytest was invoked."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else config.invocation_params.dir / p
 
 
 def _claim_id(item: pytest.Item, registry: Registry) -> str | None:
@@ -211,6 +247,28 @@ def subject_variant(run_state: RunState) -> Callable[[WeightProcessing], object]
     return get
 
 
+@pytest.fixture(scope="session")
+def texts(run_state: RunState):
+    """The categorized texts (``--texts PATH`` or the project's own), a frozen TextSet."""
+    return run_state.texts
+
+
+@pytest.fixture(scope="session")
+def content_cache(run_state: RunState):
+    """The content-addressed cache of expensive intermediates (``--cache-dir``)."""
+    from harness.cache import ContentCache
+
+    return ContentCache(run_state.cache_dir)
+
+
+@pytest.fixture(scope="session")
+def corpus(run_state: RunState, subject, content_cache):
+    """The background corpus tokenized for the session's subject, built once and cached."""
+    from harness.harvest import cached_corpus
+
+    return cached_corpus(content_cache, subject.model.tokenizer, run_state.corpus_recipe)
+
+
 @pytest.fixture
 def claim(request: pytest.FixtureRequest, run_state: RunState):
     """The registry entry of the running claim test."""
@@ -235,8 +293,9 @@ def evidence(request: pytest.FixtureRequest, claim, run_state: RunState) -> Iter
         dtype=run_state.spec.dtype,
         figure_dir=run_state.evidence_dir / run_state.spec.id / "figures",
     )
-    if "subject" in request.fixturenames:
-        ev.subject = request.getfixturevalue("subject").provenance()
+    for name in ("subject", "corpus", "texts"):
+        if name in request.fixturenames:
+            ev.inputs[name] = request.getfixturevalue(name).provenance()
     request.node.stash[EVIDENCE] = ev
     yield ev
 

@@ -102,7 +102,7 @@ class TextSet:
             raise ValueError(f"min_per_category must be >= 0, got {min_per_category}")
         return [c for c, ts in self.by_category(split).items() if len(ts) < min_per_category]
 
-    def to_provenance(self) -> dict:
+    def provenance(self) -> dict:
         """What the evidence records about the texts a claim ran on."""
         return {
             "source": self.source,
@@ -170,10 +170,14 @@ def load_texts(path: Path | None = None) -> TextSet:
 
     Lines are split on ``\\n`` in the raw bytes and decoded one at a time, so a bad byte is
     reported with its line number, and characters such as U+2028 inside a text (legal
-    unescaped in JSON) do not start a new line.
+    unescaped in JSON) do not start a new line. An unreadable file is reported as line 0.
     """
     path = DEFAULT_PATH if path is None else Path(path)
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        # Line 0: the file as a whole; keeps the one "path:line:" shape for every error.
+        raise TextsError(f"{path}:0: cannot read ({exc.strerror or exc})") from None
     digest = hashlib.sha256(data).hexdigest()
     body = data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
     texts = []

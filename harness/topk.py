@@ -100,7 +100,7 @@ def _token_order(context: Tensor, position: Tensor) -> Tensor:
 
 def _rank_order(values: Tensor, context: Tensor, position: Tensor) -> Tensor:
     """Per-column permutation along dim 0 into the tie-rule order (three stable sorts)."""
-    order = torch.argsort(position, dim=0, stable=True)  # (m, n_units)
+    order = torch.argsort(-position, dim=0, stable=True)  # (m, n_units)
     order = order.gather(0, torch.argsort(context.gather(0, order), dim=0, stable=True))
     by_value = torch.argsort(values.gather(0, order), dim=0, descending=True, stable=True)
     return order.gather(0, by_value)  # (m, n_units)
@@ -122,7 +122,7 @@ def _chunk_topk(acts: Tensor, context: Tensor, position: Tensor, k: int) -> Tens
         rank = torch.empty_like(tokens)
         rank[tokens] = torch.arange(n, device=tokens.device)  # (n,)
         bits = acts.float().contiguous().view(torch.int32)  # (n, n_units)
-        ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # (n, n_units)
+        ordered = torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)  # (n, n_units)
         key = (ordered.long() << 32) + (0xFFFFFFFF - rank).unsqueeze(1)  # (n, n_units)
         return key.topk(kk, dim=0).indices  # (kk, n_units)
     by_value = torch.argsort(acts[tokens], dim=0, descending=True, stable=True)[:kk]

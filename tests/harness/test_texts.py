@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.texts import DEFAULT_PATH, SPLITS, LabeledText, TextSet, TextsError, load_texts
+from harness.texts import DEFAULT_PATH, SPLITS, LabeledText, TextsError, TextSet, load_texts
 
 CATEGORIES = ("conversational", "formal", "math", "non_english", "python", "social", "web")
 # Scripts written without spaces: about two characters per word.
@@ -82,7 +82,7 @@ def test_fixture_hash_is_file_bytes(fixture_set):
     assert again == fixture_set
     assert fixture_set.sha256 == hashlib.sha256(DEFAULT_PATH.read_bytes()).hexdigest()
     assert fixture_set.source == "fixtures/texts/categorized.jsonl"
-    prov = fixture_set.to_provenance()
+    prov = fixture_set.provenance()
     assert prov["sha256"] == fixture_set.sha256
     assert prov["n_texts"] == len(fixture_set.texts)
     assert prov["counts"]["math"] == {"train": 18, "heldout": 6}
@@ -154,7 +154,8 @@ def test_bad_input_reports_line(tmp_path, lines, line_no, message):
 
 def test_non_utf8_bytes_report_line(tmp_path):
     path = tmp_path / "latin1.jsonl"
-    path.write_bytes(GOOD.encode() + b"\n" + _row(text="caf\xe9 ok").encode("latin-1") + b"\n")
+    latin1 = '{"category": "french", "text": "caf\xe9 cr\xe8me"}'.encode("latin-1")
+    path.write_bytes(GOOD.encode() + b"\n" + latin1 + b"\n")
     with pytest.raises(TextsError, match=rf"^{re.escape(str(path))}:2: not valid UTF-8"):
         load_texts(path)
 
@@ -164,6 +165,12 @@ def test_empty_file(tmp_path):
     path.write_bytes(b"")
     with pytest.raises(TextsError, match=rf"^{re.escape(str(path))}:1: empty file"):
         load_texts(path)
+
+
+def test_unreadable_path(tmp_path):
+    for path in (tmp_path / "missing.jsonl", tmp_path):
+        with pytest.raises(TextsError, match=rf"^{re.escape(str(path))}:0: cannot read"):
+            load_texts(path)
 
 
 def test_require_names_short_categories(tmp_path):

@@ -1,0 +1,150 @@
+"""Harvest over the background corpus: streaming top-k contexts and activation statistics for
+every unit at the requested hooks, in one pass that stops after the deepest block needed,
+cached by everything the result depends on."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from harness.cache import ContentCache, progress
+from harness.capture import capture, check_hook_names
+from harness.corpus import Corpus, CorpusRecipe, build_corpus, tokenizer_hash
+from harness.topk import ActivationStats, StreamingTopK, TopKResult, TopKSpec
+
+CORPUS_VERSION = "1"
+HARVEST_VERSION = "1"
+QUANTILES = (0.5, 0.9, 0.99, 0.999)
+
+
+def cached_corpus(cache: ContentCache, tokenizer: Any, recipe: CorpusRecipe) -> Corpus:
+    """build_corpus through the cache (tokenizing the sources takes ~15 s)."""
+    tok_hash = tokenizer_hash(tokenizer)
+    parts = {"recipe": recipe, "tokenizer": tok_hash, "python": sys.version.split()[0]}
+
+    def compute():
+        c = build_corpus(tokenizer, recipe)
+        return {"tokens": c.tokens, "source_of": c.source_of}, {"tokens_sha256": c.sha256}
+
+    entry = cache.get_or_compute("corpus", CORPUS_VERSION, parts, compute)
+    tokens = entry.tensors["tokens"]
+    digest = hashlib.sha256(tokens.numpy().tobytes()).hexdigest()
+    if digest != entry.meta["tokens_sha256"]:  # the cache verifies bytes; this verifies meaning
+        raise RuntimeError(f"cached corpus {entry.path} does not match its recorded hash")
+    return Corpus(tokens=tokens, source_of=entry.tensors["source_of"], recipe=recipe,
+                  sha256=digest, tokenizer_sha256=tok_hash)
+
+
+@dataclass(frozen=True)
+class HarvestSpec:
+    """What to harvest."""
+
+    hooks: tuple[str, ...]
+    """Hook names (e.g. ``blocks.3.mlp.hook_post``)."""
+    k: int = 20
+    """Top contexts kept per unit."""
+    batch_size: int = 16
+    """Contexts per forward pass."""
+    threshold: float = 0.0
+    """A unit 'fires' on a token when its activation exceeds this (frequency)."""
+    skip_bos: bool = True
+    """Exclude position 0 (BOS): attention-sink activations there would fill every top-k."""
+
+    def __post_init__(self) -> None:
+        if not self.hooks:
+            raise ValueError("no hooks to harvest")
+        if self.k < 1 or self.batch_size < 1:
+            raise ValueError("k and batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class HookHarvest:
+    """Top-k contexts and per-unit statistics at one hook."""
+
+    topk: TopKResult
+    frequency: torch.Tensor  # (n_units,) share of tokens with activation > threshold
+    mean: torch.Tensor  # (n_units,)
+    max: torch.Tensor  # (n_units,)
+    quantiles: torch.Tensor  # (len(QUANTILES), n_units), approximate (ActivationStats bins)
+
+    def top_tokens(self, corpus: Corpus) -> torch.Tensor:
+        """Token id at each top-k (context, position): (k, n_units); -1 for unfilled slots."""
+        ctx, pos = self.topk.context, self.topk.position
+        valid = ctx >= 0
+        out = torch.full_like(ctx, -1)
+        out[valid] = corpus.tokens[ctx[valid], pos[valid]]
+        return out
+
+
+def _compute(model: Any, corpus: Corpus, spec: HarvestSpec) -> dict[str, HookHarvest]:
+    n_ctx, length = corpus.tokens.shape
+    widths = {}
+    probe = capture(model, corpus.tokens[:1].to(model.cfg.device), spec.hooks)
+    for h, a in probe.items():
+        widths[h] = a.shape[-1]
+    tops = {h: StreamingTopK(TopKSpec(spec.k, w)) for h, w in widths.items()}
+    stats = {h: ActivationStats(w, threshold=spec.threshold) for h, w in widths.items()}
+    positions = torch.arange(length)
+    starts = range(0, n_ctx, spec.batch_size)
+    for start in progress(starts, desc=f"harvest {len(spec.hooks)} hooks", total=len(starts)):
+        tokens = corpus.tokens[start:start + spec.batch_size]  # (b, L)
+        b = tokens.shape[0]
+        acts = capture(model, tokens.to(model.cfg.device), spec.hooks)
+        ctx = torch.arange(start, start + b).repeat_interleave(length)  # (b*L,)
+        pos = positions.repeat(b)  # (b*L,)
+        mask = pos > 0 if spec.skip_bos else torch.ones_like(pos, dtype=torch.bool)
+        for h, a in acts.items():
+            flat = a.reshape(b * length, -1).float().cpu()  # (b*L, n_units)
+            tops[h].update(flat, ctx, pos, mask)
+            stats[h].update(flat, mask)
+    out = {}
+    for h in spec.hooks:
+        s = stats[h]
+        out[h] = HookHarvest(
+            topk=tops[h].result(),
+            frequency=s.frequency().float(),
+            mean=s.mean().float(),
+            max=s.max().float(),
+            quantiles=torch.stack([s.quantile(q).float() for q in QUANTILES]),
+        )
+    return out
+
+
+def harvest(loaded: Any, corpus: Corpus, spec: HarvestSpec, cache: ContentCache | None) -> dict[str, HookHarvest]:
+    """Top-k and statistics for every unit at ``spec.hooks`` over ``corpus``.
+
+    ``loaded`` is a LoadedSubject (its weight hash keys the cache). With ``cache=None`` it is
+    computed fresh (the equivalence tests compare both paths).
+    """
+    model = loaded.model
+    check_hook_names(model, spec.hooks)
+    if cache is None:
+        return _compute(model, corpus, spec)
+    parts = {"weights": loaded.weight_hash, "dtype": str(model.cfg.dtype),
+             "device": torch.device(model.cfg.device).type, "corpus": corpus.sha256, "spec": spec}
+
+    def compute():
+        res = _compute(model, corpus, spec)
+        tensors = {}
+        for i, h in enumerate(spec.hooks):
+            r = res[h]
+            tensors.update({f"{i}.values": r.topk.values, f"{i}.context": r.topk.context,
+                            f"{i}.position": r.topk.position, f"{i}.frequency": r.frequency,
+                            f"{i}.mean": r.mean, f"{i}.max": r.max, f"{i}.quantiles": r.quantiles})
+        n_seen = {h: res[h].topk.n_seen for h in spec.hooks}
+        return tensors, {"n_seen": n_seen, "hooks": list(spec.hooks)}
+
+    entry = cache.get_or_compute("harvest", HARVEST_VERSION, parts, compute)
+    t, n_seen = entry.tensors, entry.meta["n_seen"]
+    return {
+        h: HookHarvest(
+            topk=TopKResult(t[f"{i}.values"], t[f"{i}.context"], t[f"{i}.position"], n_seen[h]),
+            frequency=t[f"{i}.frequency"], mean=t[f"{i}.mean"], max=t[f"{i}.max"],
+            quantiles=t[f"{i}.quantiles"],
+        )
+        for i, h in enumerate(spec.hooks)
+    }
