@@ -38,6 +38,13 @@ def claims(session: nox.Session, subject: str) -> None:
 
 
 @nox.session
+def bench(session: nox.Session) -> None:
+    """pytest-benchmark on the hot paths; ratios land in each benchmark's extra_info."""
+    install(session)
+    session.run("pytest", "benchmarks", "--benchmark-only", *session.posargs)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff over the whole tree."""
     session.install("ruff>=0.5")

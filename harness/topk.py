@@ -100,7 +100,7 @@ def _token_order(context: Tensor, position: Tensor) -> Tensor:
 
 def _rank_order(values: Tensor, context: Tensor, position: Tensor) -> Tensor:
     """Per-column permutation along dim 0 into the tie-rule order (three stable sorts)."""
-    order = torch.argsort(-position, dim=0, stable=True)  # (m, n_units)
+    order = torch.argsort(position, dim=0, stable=True)  # (m, n_units)
     order = order.gather(0, torch.argsort(context.gather(0, order), dim=0, stable=True))
     by_value = torch.argsort(values.gather(0, order), dim=0, descending=True, stable=True)
     return order.gather(0, by_value)  # (m, n_units)
