@@ -5,6 +5,7 @@ cached by everything the result depends on."""
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ from harness.corpus import Corpus, CorpusRecipe, build_corpus, tokenizer_hash
 from harness.topk import ActivationStats, StreamingTopK, TopKResult, TopKSpec
 
 CORPUS_VERSION = "1"
-HARVEST_VERSION = "1"
+HARVEST_VERSION = "2"
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 
 
@@ -53,6 +54,10 @@ class HarvestSpec:
     """A unit 'fires' on a token when its activation exceeds this (frequency)."""
     skip_bos: bool = True
     """Exclude position 0 (BOS): attention-sink activations there would fill every top-k."""
+    per_context: bool = False
+    """Rank contexts by their max over positions (k distinct contexts per unit, each with its
+    argmax position: the thesis's and the neuron viewer's definition) instead of ranking every
+    (context, position) token."""
 
     def __post_init__(self) -> None:
         if not self.hooks:
@@ -80,13 +85,48 @@ class HookHarvest:
         return out
 
 
+class ContextTopK:
+    """Per unit, the k contexts with the highest max-over-positions activation, each with its
+    argmax position. Ties: larger value first, then smaller context id (argmax ties: first
+    position, as torch.max documents). Memory: 3 x (k, n_units), independent of the corpus."""
+
+    def __init__(self, spec: TopKSpec) -> None:
+        shape = (spec.k, spec.n_units)
+        self.k = spec.k
+        self.values = torch.full(shape, -math.inf)  # (k, n_units)
+        self.context = torch.full(shape, -1, dtype=torch.long)  # (k, n_units)
+        self.position = torch.full(shape, -1, dtype=torch.long)  # (k, n_units)
+        self.n_seen = 0
+
+    def update(self, acts: torch.Tensor, context_ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """acts (b, L, n_units); context_ids (b,); mask (L,) of positions that may win."""
+        if torch.isnan(acts).any():
+            raise ValueError("NaN in activations: refusing to rank it")
+        masked = acts.masked_fill(~mask[None, :, None], -math.inf)  # (b, L, n_units)
+        vals, pos = masked.max(dim=1)  # (b, n_units) each
+        ctx = context_ids[:, None].expand_as(pos)  # (b, n_units)
+        values = torch.cat([self.values, vals])  # (k + b, n_units)
+        context = torch.cat([self.context, ctx])
+        position = torch.cat([self.position, pos])
+        # Unfilled slots (context -1, value -inf) sort last; two stable sorts = (value desc, context asc).
+        order = torch.argsort(torch.where(context < 0, torch.iinfo(torch.long).max, context), dim=0, stable=True)
+        order = order.gather(0, torch.argsort(values.gather(0, order), dim=0, descending=True, stable=True))
+        keep = order[: self.k]  # (k, n_units)
+        self.values, self.context, self.position = (t.gather(0, keep) for t in (values, context, position))
+        self.n_seen += acts.shape[0]
+
+    def result(self) -> TopKResult:
+        return TopKResult(self.values.clone(), self.context.clone(), self.position.clone(), self.n_seen)
+
+
 def _compute(model: Any, corpus: Corpus, spec: HarvestSpec) -> dict[str, HookHarvest]:
     n_ctx, length = corpus.tokens.shape
     widths = {}
     probe = capture(model, corpus.tokens[:1].to(model.cfg.device), spec.hooks)
     for h, a in probe.items():
         widths[h] = a.shape[-1]
-    tops = {h: StreamingTopK(TopKSpec(spec.k, w)) for h, w in widths.items()}
+    make = ContextTopK if spec.per_context else StreamingTopK
+    tops = {h: make(TopKSpec(spec.k, w)) for h, w in widths.items()}
     stats = {h: ActivationStats(w, threshold=spec.threshold) for h, w in widths.items()}
     positions = torch.arange(length)
     starts = range(0, n_ctx, spec.batch_size)
@@ -99,7 +139,10 @@ def _compute(model: Any, corpus: Corpus, spec: HarvestSpec) -> dict[str, HookHar
         mask = pos > 0 if spec.skip_bos else torch.ones_like(pos, dtype=torch.bool)
         for h, a in acts.items():
             flat = a.reshape(b * length, -1).float().cpu()  # (b*L, n_units)
-            tops[h].update(flat, ctx, pos, mask)
+            if spec.per_context:
+                tops[h].update(a.float().cpu(), torch.arange(start, start + b), mask[:length])
+            else:
+                tops[h].update(flat, ctx, pos, mask)
             stats[h].update(flat, mask)
     out = {}
     for h in spec.hooks:
@@ -148,3 +191,9 @@ def harvest(loaded: Any, corpus: Corpus, spec: HarvestSpec, cache: ContentCache 
         )
         for i, h in enumerate(spec.hooks)
     }
+
+
+def mlp_neurons_spec(n_layers: int, k: int = 20) -> HarvestSpec:
+    """Every layer's ``mlp.hook_post``, k distinct contexts per neuron (family W's Method 1)."""
+    return HarvestSpec(hooks=tuple(f"blocks.{layer}.mlp.hook_post" for layer in range(n_layers)),
+                       k=k, batch_size=16, per_context=True)

@@ -81,52 +81,73 @@ def _prepare(
         if mask.shape != (n,) or mask.dtype != torch.bool:
             raise ValueError(f"mask must be a bool ({n},) tensor")
         acts, context_ids, positions = acts[mask], context_ids[mask], positions[mask]
-    if torch.isnan(acts).any():
+    # One reduction finds both: min is NaN if any entry is NaN.
+    low = acts.amin() if acts.numel() else acts.new_zeros(())
+    if torch.isnan(low):
         raise ValueError("NaN in activations: refusing to rank it (find where it came from)")
-    if torch.isneginf(acts).any():
+    if torch.isneginf(low):
         raise ValueError("-inf in activations: -inf is reserved for unfilled top-k slots")
     context_ids, positions = context_ids.long(), positions.long()
-    if n and bool((context_ids < 0).any() | (positions < 0).any()):
-        raise ValueError("context_ids and positions must be >= 0 (-1 marks unfilled slots)")
+    if n and not (context_ids.min() >= 0 and context_ids.max() < 2**31):
+        raise ValueError("context_ids must be in [0, 2**31) (-1 marks unfilled slots)")
+    if n and not (positions.min() >= 0 and positions.max() < 2**32):
+        raise ValueError("positions must be in [0, 2**32) (-1 marks unfilled slots)")
     return acts, context_ids, positions
 
 
-def _token_order(context: Tensor, position: Tensor) -> Tensor:
-    """Permutation sorting tokens by (context, position) ascending: two stable sorts, least
+def _token_key(context: Tensor, position: Tensor) -> Tensor:
+    """``context * 2**32 + position``: int64 ordered like (context, position); the unfilled
+    slot (-1, -1) maps below every real token."""
+    return (context << 32) + position
+
+
+def _rank_order(values: Tensor, token_key: Tensor) -> Tensor:
+    """Per-column permutation along dim 0 into the tie-rule order: two stable sorts, least
     significant key first."""
-    order = torch.argsort(position, stable=True)  # (n,)
-    return order[torch.argsort(context[order], stable=True)]  # (n,)
-
-
-def _rank_order(values: Tensor, context: Tensor, position: Tensor) -> Tensor:
-    """Per-column permutation along dim 0 into the tie-rule order (three stable sorts)."""
-    order = torch.argsort(position, dim=0, stable=True)  # (m, n_units)
-    order = order.gather(0, torch.argsort(context.gather(0, order), dim=0, stable=True))
+    order = torch.argsort(token_key, dim=0, stable=True)  # (m, n_units)
     by_value = torch.argsort(values.gather(0, order), dim=0, descending=True, stable=True)
     return order.gather(0, by_value)  # (m, n_units)
 
 
-def _chunk_topk(acts: Tensor, context: Tensor, position: Tensor, k: int) -> Tensor:
-    """Token indices of each unit's top-min(k, n) in the tie-rule order.
+def _exact_topk(acts: Tensor, context: Tensor, position: Tensor, kk: int) -> Tensor:
+    """Token indices (kk, n_units) of each column's top-kk under the full tie rule.
 
-    Fast path (float32/16, bf16): one ``torch.topk`` on the unique int64 key
+    Half and single precision: one ``torch.topk`` on the unique int64 key
     ``key = (ord(a) << 32) + (2**32 - 1 - rank(context, position))``, where ``ord`` maps the
     float's sign-magnitude bits to a two's-complement int32 that is monotone in the value
-    (``ord(-0.0) = ord(0.0) = 0``). Unique keys make topk's tie handling irrelevant. Other
-    dtypes (float64) fall back to a full stable sort of the chunk.
+    (``ord(-0.0) = ord(0.0) = 0``); unique keys make topk's own tie handling irrelevant.
+    float64 does not fit beside a rank in 64 bits: a stable sort of the rows in
+    (context, position) order, by value.
     """
     n = acts.shape[0]
-    kk = min(k, n)
-    tokens = _token_order(context, position)  # (n,)
+    tokens = torch.argsort(_token_key(context, position), stable=True)  # (n,)
     if acts.dtype in _PACKABLE:
         rank = torch.empty_like(tokens)
         rank[tokens] = torch.arange(n, device=tokens.device)  # (n,)
-        bits = acts.float().contiguous().view(torch.int32)  # (n, n_units)
-        ordered = torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)  # (n, n_units)
-        key = (ordered.long() << 32) + (0xFFFFFFFF - rank).unsqueeze(1)  # (n, n_units)
-        return key.topk(kk, dim=0).indices  # (kk, n_units)
+        bits = acts.float().contiguous().view(torch.int32)  # (n, n_cols)
+        ordered = torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)  # (n, n_cols)
+        key = (ordered.long() << 32) + (0xFFFFFFFF - rank).unsqueeze(1)  # (n, n_cols)
+        return key.topk(kk, dim=0).indices  # (kk, n_cols)
     by_value = torch.argsort(acts[tokens], dim=0, descending=True, stable=True)[:kk]
-    return tokens[by_value]  # (kk, n_units)
+    return tokens[by_value]  # (kk, n_cols)
+
+
+def _chunk_topk(acts: Tensor, context: Tensor, position: Tensor, k: int) -> Tensor:
+    """Token indices (min(k, n), n_units) of each unit's top-k set in the chunk (any order).
+
+    A plain ``torch.topk`` on the values, whose threshold t_u is the kk-th largest value. If
+    ``#{t : a[t, u] >= t_u} == kk`` the set is forced and topk's pick is it; otherwise ties
+    straddle the threshold (typical for sparse SAE features at 0) and only those columns are
+    redone by :func:`_exact_topk`.
+    """
+    kk = min(k, acts.shape[0])
+    top = acts.topk(kk, dim=0)  # values, indices: (kk, n_units)
+    straddled = (acts >= top.values[-1]).sum(dim=0) > kk  # (n_units,)
+    idx = top.indices  # (kk, n_units)
+    if bool(straddled.any()):
+        cols = straddled.nonzero().squeeze(1)  # (n_tied,)
+        idx[:, cols] = _exact_topk(acts[:, cols], context, position, kk)
+    return idx
 
 
 class StreamingTopK:
@@ -173,7 +194,7 @@ class StreamingTopK:
         values = torch.cat([self.values, acts.gather(0, idx)])  # (k + kk, n_units)
         context = torch.cat([self.context, ctx[idx]])  # (k + kk, n_units)
         position = torch.cat([self.position, pos[idx]])  # (k + kk, n_units)
-        keep = _rank_order(values, context, position)[: self.spec.k]  # (k, n_units)
+        keep = _rank_order(values, _token_key(context, position))[: self.spec.k]  # (k, n_units)
         self.values = values.gather(0, keep)
         self.context = context.gather(0, keep)
         self.position = position.gather(0, keep)

@@ -83,3 +83,17 @@ def test_k_larger_than_corpus_leaves_marked_slots(setup):
     n_real = corpus.tokens.shape[0] * (corpus.tokens.shape[1] - 1)
     assert (res.topk.n_valid == n_real).all()
     assert (res.topk.context[n_real:] == -1).all()
+
+
+def test_per_context_harvest_equals_brute_force(setup):
+    loaded, corpus, _ = setup
+    spec = HarvestSpec(hooks=HOOKS[:1], k=6, batch_size=7, per_context=True)
+    got = harvest(loaded, corpus, spec, cache=None)[HOOKS[0]]
+    _, cache = loaded.model.run_with_cache(corpus.tokens)
+    acts = cache[HOOKS[0]].float()[:, 1:]  # (n_ctx, L-1, n_units), BOS excluded
+    vals, pos = acts.max(dim=1)  # (n_ctx, n_units)
+    for unit in range(0, vals.shape[1], 17):
+        order = sorted(range(vals.shape[0]), key=lambda c: (-vals[c, unit].item(), c))[:6]
+        assert got.topk.context[:, unit].tolist() == order
+        assert got.topk.position[:, unit].tolist() == [int(pos[c, unit]) + 1 for c in order]
+    assert len(set(got.topk.context[:, 0].tolist())) == 6  # distinct contexts

@@ -76,8 +76,20 @@ def test_update_rejects_bad_shapes_and_ids() -> None:
         topk.update(torch.zeros(4, 3), ids, ids[:3])
     with pytest.raises(ValueError, match="mask must be a bool"):
         topk.update(torch.zeros(4, 3), ids, ids, mask=torch.ones(4))
-    with pytest.raises(ValueError, match=">= 0"):
+    with pytest.raises(ValueError, match=r"in \[0, 2\*\*31\)"):
         topk.update(torch.zeros(4, 3), ids - 1, ids)
+    with pytest.raises(ValueError, match=r"in \[0, 2\*\*32\)"):
+        topk.update(torch.zeros(4, 3), ids, ids + 2**32 - 2)
+
+
+def test_extreme_context_and_position_ids_keep_the_tie_rule() -> None:
+    # (context, position) is packed as context * 2**32 + position: check it at the limits.
+    ctx = torch.tensor([2**31 - 1, 2**31 - 1, 0, 1, 2**31 - 2])
+    pos = torch.tensor([0, 2**32 - 1, 2**32 - 1, 0, 2**32 - 1])
+    acts = torch.zeros(5, 2)
+    r = _stream(acts, ctx, pos, k=5, cuts=[2, 3])
+    _assert_same(r, brute_force_topk(acts, ctx, pos, k=5))
+    assert r.context[:, 0].tolist() == [0, 1, 2**31 - 2, 2**31 - 1, 2**31 - 1]
 
 
 def test_nan_raises_but_nan_in_padding_is_ignored() -> None:
