@@ -7,6 +7,7 @@ Run: python -m pytest benchmarks/test_bench_topk.py -q -p no:cacheprovider --ben
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
@@ -29,12 +30,20 @@ def _best_of(fn: Callable[[], object], rounds: int = 5) -> float:
     return min(times)
 
 
-def test_merge_vs_matmul(benchmark) -> None:
-    """Merge of one (2048, 1536) chunk into a top-20 state, against (2048, 576) @ (576, 1536)."""
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_merge_vs_matmul(benchmark, kind: str) -> None:
+    """Merge of one (2048, 1536) chunk into a top-20 state, against (2048, 576) @ (576, 1536).
+
+    dense: Gaussian pre-activations, no ties at the top-k threshold (the plain-topk path).
+    sparse: relu(x - 2.5), ~0.6 % active like an SAE feature, so most units have fewer than k
+    nonzero tokens and ties at 0 straddle the threshold (the exact tie-breaking path).
+    """
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(N_TOKENS, D_MODEL, generator=gen)  # (n_tokens, d_model)
     w = torch.randn(D_MODEL, D_MLP, generator=gen) / D_MODEL**0.5  # (d_model, d_mlp)
     acts = x @ w  # (n_tokens, d_mlp)
+    if kind == "sparse":
+        acts = torch.relu(acts - 2.5)
     ctx = torch.arange(N_TOKENS) // 128
     pos = torch.arange(N_TOKENS) % 128
     topk = StreamingTopK(TopKSpec(K, D_MLP))
@@ -47,6 +56,9 @@ def test_merge_vs_matmul(benchmark) -> None:
     benchmark.extra_info.update(
         {
             "chunk": [N_TOKENS, D_MLP],
+            "active_fraction": float((acts > 0).float().mean()),
+            "units_with_ties_at_threshold": float(((acts > 0).sum(0) < K).float().mean()),
+            "loadavg_1m": os.getloadavg()[0],
             "k": K,
             "threads": torch.get_num_threads(),
             "merge_s": merge_s,
@@ -85,5 +97,6 @@ def test_state_bytes_vs_corpus_length(benchmark, n_tokens: int) -> None:
             "k": K,
             "state_bytes": topk.nbytes,
             "chunk_bytes": MEM_CHUNK * MEM_UNITS * 4,
+            "bytes_per_unit": topk.nbytes // MEM_UNITS,
         }
     )

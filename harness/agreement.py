@@ -80,8 +80,18 @@ class Vocabulary:
         return [self.strings[i] for i in ids if i >= 0]
 
 
-def _mean_embedding(W_E: torch.Tensor, ids: list[int]) -> torch.Tensor | None:
-    return W_E[ids].double().mean(0) if ids else None
+def mean_embeddings(W_E: torch.Tensor, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean embedding of each column's DISTINCT token ids: ids (k, n_units), -1 = unfilled.
+    Returns (means (n_units, d_model), nonempty (n_units,) bool). Vectorised: a Python loop
+    over tens of thousands of neurons would dominate the family's run time."""
+    s, _ = torch.from_numpy(np.asarray(ids)).long().sort(dim=0)  # (k, n_units)
+    dup = torch.zeros_like(s, dtype=torch.bool)
+    dup[1:] = s[1:] == s[:-1]
+    valid = ((s >= 0) & ~dup).unsqueeze(-1)  # (k, n_units, 1)
+    emb = W_E.detach().float().cpu()[s.clamp(min=0)]  # (k, n_units, d_model)
+    count = valid.sum(0)  # (n_units, 1)
+    means = (emb * valid).sum(0) / count.clamp(min=1)  # (n_units, d_model)
+    return means, count[:, 0] > 0
 
 
 def neuron_metrics(
@@ -93,6 +103,10 @@ def neuron_metrics(
     k, n_units = m1.shape
     pairing = np.arange(n_units) if pairing is None else pairing
     out = {m: np.zeros(n_units) for m in METRICS}
+    e1, ok1 = mean_embeddings(W_E, m1)
+    e2, ok2 = mean_embeddings(W_E, m2[:, pairing])
+    cos = torch.nn.functional.cosine_similarity(e1.double(), e2.double(), dim=1)  # (n_units,)
+    out["embed_cos"] = torch.where(ok1 & ok2, cos, torch.nan).numpy()
     for n in range(n_units):
         ids1 = [int(i) for i in m1[:, n] if i >= 0]
         ids2 = [int(i) for i in m2[:, pairing[n]] if i >= 0]
@@ -103,10 +117,6 @@ def neuron_metrics(
         out["overlap_any"][n] = float(inter > 0)
         out["jaccard"][n] = inter / len(a | b) if a | b else 0.0
         out["top1_match"][n] = float(bool(s1) and bool(s2) and s1[0] == s2[0] and s1[0] != "")
-        e1, e2 = _mean_embedding(W_E, sorted(set(ids1))), _mean_embedding(W_E, sorted(set(ids2)))
-        out["embed_cos"][n] = (
-            float(torch.nn.functional.cosine_similarity(e1, e2, dim=0)) if e1 is not None and e2 is not None else np.nan
-        )
         out["type_match"][n] = float(dominant_type(s1) == dominant_type(s2))
     return out
 

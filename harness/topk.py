@@ -88,9 +88,9 @@ def _prepare(
     if torch.isneginf(low):
         raise ValueError("-inf in activations: -inf is reserved for unfilled top-k slots")
     context_ids, positions = context_ids.long(), positions.long()
-    if n and not (context_ids.min() >= 0 and context_ids.max() < 2**31):
+    if len(positions) and not (context_ids.min() >= 0 and context_ids.max() < 2**31):
         raise ValueError("context_ids must be in [0, 2**31) (-1 marks unfilled slots)")
-    if n and not (positions.min() >= 0 and positions.max() < 2**32):
+    if len(positions) and not (positions.min() >= 0 and positions.max() < 2**32):
         raise ValueError("positions must be in [0, 2**32) (-1 marks unfilled slots)")
     return acts, context_ids, positions
 
