@@ -12,7 +12,12 @@ Tie rule. Tokens are ranked by the total order
 compared lexicographically: the larger value wins and, among equal values, the smaller
 (context, position) wins (``-0.0 == 0.0``). The order is total, so the top-k of a union is the
 top-k of the union of the parts' top-k: any chunking, and any order of the stream, gives results
-bit-identical to :func:`brute_force_topk`.
+bit-identical to :func:`brute_force_topk`. Values are ranked in the state dtype; NaN and -inf
+(the unfilled-slot marker) raise; context ids must be < 2**31 and positions < 2**32 (they are
+packed as one int64 key).
+
+:class:`ActivationStats` keeps per-unit firing frequency, mean, variance, max, min and
+histogram-based quantiles with a stated error bound, also in memory independent of corpus length.
 """
 
 from __future__ import annotations
