@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from harness.geometry import GeometryDefinition, definitions_for, method2_topk
 
 from harness.agreement import (
     Vocabulary,
@@ -22,6 +21,7 @@ from harness.agreement import (
     neuron_metrics,
     null_metrics,
 )
+from harness.geometry import GeometryDefinition, definitions_for, method2_topk
 from harness.harvest import harvest, mlp_neurons_spec
 from harness.stats import Estimate, bootstrap, claim_rng
 from harness.subjects import RAW
