@@ -49,7 +49,7 @@ def test_harvest_equals_brute_force(setup):
 
 def test_cached_equals_fresh_and_is_reused(setup):
     loaded, corpus, cache = setup
-    spec = HarvestSpec(hooks=HOOKS, k=4, batch_size=8)
+    spec = HarvestSpec(hooks=HOOKS, k=4, batch_size=8, quantiles=True)
     fresh = harvest(loaded, corpus, spec, cache=None)
     first = harvest(loaded, corpus, spec, cache=cache)
     entries = list((cache.root / "harvest").rglob("meta.json"))
