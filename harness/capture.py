@@ -35,8 +35,9 @@ def check_hook_names(model: Any, names: Iterable[str]) -> list[str]:
 
 
 def last_layer_needed(model: Any, names: Iterable[str]) -> int | None:
-    """``stop_at_layer`` for ``run_with_cache``: one past the deepest block named, or None
-    when a hook after the blocks (``ln_final``, ``unembed``) is needed."""
+    """``stop_at_layer`` for ``run_with_cache``: one past the deepest block named (n_layers
+    for the last block: TL then skips ln_final and the unembedding, ~20 % of a SmolLM2
+    forward), or None when a hook after the blocks (``ln_final``, ``unembed``) is needed."""
     deepest = -1
     for name in names:
         m = re.match(r"blocks\.(\d+)\.", name)
@@ -45,7 +46,7 @@ def last_layer_needed(model: Any, names: Iterable[str]) -> int | None:
                 continue
             return None
         deepest = max(deepest, int(m.group(1)))
-    return deepest + 1 if deepest + 1 < model.cfg.n_layers else None
+    return deepest + 1
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,13 @@ class ClaimEvidence:
             raise ClaimInconclusive(message)
         return self.verdict
 
+    def inconclusive(self, reason: str) -> None:
+        """End the claim as inconclusive for a reason other than an interval (e.g. too few
+        texts in a category): not a pass, and not a crash."""
+        self.verdict = "inconclusive"
+        self.note(reason)
+        raise ClaimInconclusive(f"{self.claim.id} inconclusive on {self.subject_id}: {reason}")
+
     def to_record(self) -> dict:
         return _clean(
             {

@@ -26,7 +26,10 @@ from typing import Any
 
 import torch
 
+from harness.corpus import CorpusRecipe, build_corpus
 from harness.subjects import (
+    DEFAULT_SUBJECT,
+    KNOWN_SUBJECTS,
     SMOLLM2_DIST,
     SMOLLM2_INSTALL,
     SubjectError,
@@ -46,8 +49,12 @@ class LoadedSubject:
     weight_hash: str
     """sha256 over the processed parameters, in name order."""
     load_seconds: float
+    planted: dict[int, int] | None = dataclasses.field(default=None, hash=False)
+    """Planted subjects only: wired neuron -> token id, the same in every layer (the known
+    answer); None for every other subject."""
 
     def provenance(self) -> dict:
+        planted = None if self.planted is None else {str(n): t for n, t in self.planted.items()}
         return {
             **self.spec.to_dict(),
             "weight_hash": self.weight_hash,
@@ -56,6 +63,7 @@ class LoadedSubject:
             "d_model": self.model.cfg.d_model,
             "d_mlp": self.model.cfg.d_mlp,
             "load_seconds": round(self.load_seconds, 2),
+            "planted": planted,
         }
 
 
@@ -197,6 +205,34 @@ def random_twin(spec: SubjectSpec) -> Any:
     return model.eval()
 
 
+def planted_tokenizer() -> Any:
+    """The default subject's tokenizer (from its GGUF; the model itself is not loaded)."""
+    from transformers import AutoTokenizer
+
+    where, kwargs = _from_pretrained_kwargs(KNOWN_SUBJECTS[DEFAULT_SUBJECT])
+    return AutoTokenizer.from_pretrained(where, **kwargs)
+
+
+def load_planted(spec: SubjectSpec) -> tuple[Any, dict[int, int]]:
+    """(model, neuron -> token) of a planted subject built from ``spec.init_seed``.
+
+    The wired tokens come from the default background corpus under the same seed, which is
+    the corpus the pytest plugin builds for ``--seed`` (``CorpusRecipe(seed=seed)``).
+    """
+    from harness.planted import PlantedSpec, planted_subject
+
+    tokenizer = planted_tokenizer()
+    corpus = build_corpus(tokenizer, CorpusRecipe(seed=spec.init_seed))
+    return planted_subject(
+        tokenizer,
+        corpus,
+        PlantedSpec(seed=spec.init_seed),
+        spec.processing.as_kwargs(),
+        dtype=spec.torch_dtype,
+        device=spec.device,
+    )
+
+
 def _hub_call(spec: SubjectSpec, fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Call a hub-loading function; turn "no network / not cached" into SubjectUnavailable."""
     try:
@@ -279,7 +315,10 @@ def load_subject(
     variants of a subject (parsing the GGUF costs about 30 s on 2 cores).
     """
     start = time.perf_counter()
-    if spec.random_init:
+    planted = None
+    if spec.kind == "planted":
+        model, planted = load_planted(spec)
+    elif spec.random_init:
         model = random_twin(spec)
     elif spec.kind == "hub":
         model = load_hub(spec)
@@ -295,4 +334,5 @@ def load_subject(
         model=model,
         weight_hash=weights_hash(model),
         load_seconds=time.perf_counter() - start,
+        planted=planted,
     )

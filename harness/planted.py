@@ -17,9 +17,9 @@ Construction (``build_planted``):
    ``W_E[x_p]`` plus the (small, ``write_scale``) outputs of earlier MLPs. Every activation of
    the model is therefore a function of the current token, and a neuron's maximum over any
    corpus is reached exactly at the occurrences of its argmax-over-vocabulary token.
-3. Wired neuron n -> token t, in every layer, with that layer's ``ln2`` weight w and bias b and
-   ``z_t = LN-normalised W_E[t]`` (centred, divided by its RMS; |z_t| = sqrt(d_model)),
-   ``u_t = z_t / |z_t|``::
+3. Wired neuron n -> token t, in every layer, with that layer's ``ln2`` weight w and bias b
+   (b = 0 under RMSNorm) and ``z_t = normalised W_E[t]`` (centred under LayerNorm, divided by
+   its RMS; |z_t| = sqrt(d_model)), ``u_t = z_t / |z_t|``::
 
        W_in[:, n] = gain * u_t / (w * sqrt(d_model))
        b_in[n]    = -gain * cutoff - gain * ((b / w) . u_t) / sqrt(d_model)
@@ -28,9 +28,11 @@ Construction (``build_planted``):
    ``gain * (1 - cutoff)`` on t in layer 0 and negative on every token whose normalised
    embedding has cosine < cutoff with t's. After TL's ``fold_ln`` the processed ``W_in[:, n]``
    is ``gain * u_t / sqrt(d_model)``, parallel to the centred ``W_E[t]``: Method 2's cosine is 1.
-4. Random 64-d embeddings of ~49k tokens are far from orthogonal (max |cos| around 0.5), so the
-   builder checks the wiring numerically over the whole vocabulary (:func:`check_planted`) and
-   raises :class:`PlantingError` unless each wired neuron's argmax token is its wired token.
+4. Random 64-d embeddings of ~49k tokens are far from orthogonal (each wired token's nearest
+   other token has cosine up to ~0.6), so the builder checks the wiring numerically over the
+   whole vocabulary (:func:`check_planted`) and raises :class:`PlantingError` unless each
+   wired neuron's argmax token is its wired token. With the defaults (gain 8, cutoff 0.7) the
+   wired token's pre-activation is 2.4 and the best other token's at most about -0.85.
 """
 
 from __future__ import annotations
@@ -212,44 +214,60 @@ def wiring(wired_tokens: list[int]) -> dict[int, int]:
 
 
 @torch.no_grad()
-def vocab_activations(model: Any, neurons: list[int], chunk: int = 8192) -> torch.Tensor:
-    """``hook_post`` of ``neurons`` for every token of the vocabulary, each fed alone:
-    (n_layers, d_vocab, len(neurons)). Exact for any context in a planted model, whose
-    activations depend on the current token only."""
-    hooks = [f"blocks.{layer}.mlp.hook_post" for layer in range(model.cfg.n_layers)]
+def vocab_activations(
+    model: Any, neurons: list[int], kinds: tuple[str, ...] = ("hook_pre", "hook_post"),
+    chunk: int = 65536,
+) -> dict[str, torch.Tensor]:
+    """``blocks.L.mlp.<kind>`` of ``neurons`` for every token of the vocabulary, each token fed
+    alone: kind -> (n_layers, d_vocab, len(neurons)). Exact for any context in a planted
+    model, whose activations depend on the current token only. (TL's per-forward overhead
+    dominates this tiny model, hence the large chunk.)"""
+    layers = range(model.cfg.n_layers)
+    names = {(k, layer): f"blocks.{layer}.mlp.{k}" for k in kinds for layer in layers}
     vocab = torch.arange(model.cfg.d_vocab, device=model.cfg.device)
-    out = []
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
     for start in range(0, len(vocab), chunk):
         tokens = vocab[start : start + chunk].unsqueeze(1)  # (chunk, 1)
         _, cache = model.run_with_cache(
-            tokens, names_filter=hooks, stop_at_layer=model.cfg.n_layers
+            tokens, names_filter=list(names.values()), stop_at_layer=model.cfg.n_layers
         )
-        out.append(torch.stack([cache[h][:, 0, neurons] for h in hooks]))  # (L, chunk, n)
-    return torch.cat(out, dim=1).float().cpu()
+        for k in kinds:  # (n_layers, chunk, n)
+            parts[k].append(torch.stack([cache[names[k, layer]][:, 0, neurons] for layer in layers]))
+    return {k: torch.cat(v, dim=1).float().cpu() for k, v in parts.items()}
 
 
-def check_planted(model: Any, planted: Mapping[int, int]) -> torch.Tensor:
-    """Margins (n_layers, len(planted)): each wired neuron's activation on its token minus its
-    largest activation on any other token. Raises PlantingError if a margin is not positive
-    or the activation on the wired token is not."""
-    neurons = sorted(planted)
-    tokens = torch.tensor([planted[n] for n in neurons])
-    acts = vocab_activations(model, neurons)  # (n_layers, d_vocab, n)
-    cols = torch.arange(len(neurons))
+def _margins(acts: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(activation on the wired token, that minus the best other token's): (n_layers, n) each."""
+    cols = torch.arange(len(tokens))
     on = acts[:, tokens, cols]  # (n_layers, n)
     others = acts.clone()
     others[:, tokens, cols] = -torch.inf
-    margins = on - others.amax(dim=1)  # (n_layers, n)
-    bad = ((margins <= 0) | (on <= 0)).nonzero().tolist()
+    return on, on - others.amax(dim=1)
+
+
+def check_planted(model: Any, planted: Mapping[int, int]) -> torch.Tensor:
+    """Pre-activation margins (n_layers, len(planted)): each wired neuron's pre-activation on
+    its token minus its largest pre-activation on any other token of the vocabulary.
+
+    Raises PlantingError unless, for every layer and wired neuron, the post-activation is
+    positive on the wired token and larger there than on any other token (Method 1's argmax),
+    and the pre-activation margin is positive.
+    """
+    neurons = sorted(planted)
+    tokens = torch.tensor([planted[n] for n in neurons])
+    acts = vocab_activations(model, neurons)
+    post_on, post_margin = _margins(acts["hook_post"], tokens)
+    _, pre_margin = _margins(acts["hook_pre"], tokens)
+    bad = ((post_on <= 0) | (post_margin <= 0) | (pre_margin <= 0)).nonzero().tolist()
     if bad:
         layer, i = bad[0]
-        rival = int(others[layer, :, i].argmax())
         raise PlantingError(
             f"{len(bad)} wired (layer, neuron) pairs do not prefer their token, e.g. layer "
-            f"{layer} neuron {neurons[i]}: {float(on[layer, i]):.3f} on token {int(tokens[i])}, "
-            f"{float(others[layer, rival, i]):.3f} on token {rival}"
+            f"{layer} neuron {neurons[i]} (token {int(tokens[i])}): activation "
+            f"{float(post_on[layer, i]):.3f}, post margin {float(post_margin[layer, i]):.3f}, "
+            f"pre margin {float(pre_margin[layer, i]):.3f}"
         )
-    return margins
+    return pre_margin
 
 
 def planted_subject(

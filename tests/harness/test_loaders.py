@@ -108,12 +108,13 @@ def test_unknown_hook_name_is_one_clear_error(checkpoints):
     assert not any(hp._forward_hooks for hp in model.hook_dict.values())
 
 
-def test_capture_stops_early_and_matches_full_run(checkpoints):
+@pytest.mark.parametrize("hook", ["blocks.0.mlp.hook_post", "blocks.1.hook_resid_post"])
+def test_capture_stops_early_and_matches_full_run(checkpoints, hook):
     model = loaders.load_subject(parse_subject(str(checkpoints["gpt2"]))).model
     batch = tokenize(model, ["hello there", "a longer text than the first one"])
-    early = capture(model, batch.tokens, ["blocks.0.mlp.hook_post"])["blocks.0.mlp.hook_post"]
+    early = capture(model, batch.tokens, [hook])[hook]
     _, cache = model.run_with_cache(batch.tokens)
-    assert torch.equal(early, cache["blocks.0.mlp.hook_post"])
+    assert torch.equal(early, cache[hook])
     assert batch.mask.sum().item() == batch.lengths.sum().item()
 
 
