@@ -239,10 +239,13 @@ class GeometryDefinition:
 
     ``tl_cosine``: cosine between ``W_E[t]`` and ``W[:, n]`` under TransformerLens' default
     weight processing (fold_ln, center_writing_weights), the thesis' definition: pass the
-    processed model (normalization_type LNPre/RMSPre). ``viewer``: the OpenAI neuron-viewer
-    score ``W_E @ diag(ln2.w) @ W[:, n]``, a raw dot product on UNPROCESSED weights that ignores
-    LN centring and all biases (for RMSNorm models ln2.w is the RMS weight): pass the
-    unprocessed model (harness.subjects.RAW).
+    processed model (normalization_type LNPre/RMSPre). TransformerLens 3.9 centres W_in but not
+    W_gate, so LN-gated gate cosines use the uncentred column (ranks unaffected: W_E rows are
+    centred).
+
+    ``viewer``: the OpenAI neuron-viewer score ``W_E @ diag(ln2.w) @ W[:, n]``, a raw dot
+    product on UNPROCESSED weights that ignores LN centring and all biases (for RMSNorm models
+    ln2.w is the RMS weight): pass the unprocessed model (harness.subjects.RAW).
     """
 
     name: GeometryName
