@@ -14,6 +14,7 @@ import torch
 
 from harness import hookmath
 from harness.capture import capture, tokenize
+from harness.figures import pyplot
 from harness.prompts import SentenceTemplates, hook_batch
 from harness.stats import bootstrap, columnwise_pearson, exact, pearson
 from harness.subjects import RAW
@@ -205,10 +206,7 @@ def test_raw_projection_is_not_the_activation(unfolded, sentences_last, evidence
 
 
 def _figure_h2(evidence, per_layer, rs) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
     for k, v in per_layer.items():

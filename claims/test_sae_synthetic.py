@@ -15,6 +15,7 @@ import pytest
 from sae_lens.synthetic import mean_correlation_coefficient
 
 from harness import synthetic
+from harness.figures import pyplot
 from harness.stats import bootstrap, exact
 
 R1_CONFIG = synthetic.SyntheticConfig()
@@ -75,10 +76,7 @@ def test_sae_recovers_synthetic_features(evidence, rng):
 
 
 def _figure_r1(evidence, trained: np.ndarray, rand: np.ndarray) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     bins = np.linspace(min(0.0, rand.min()), 1.0, 51)

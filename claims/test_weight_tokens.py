@@ -21,6 +21,7 @@ from harness.agreement import (
     neuron_metrics,
     null_metrics,
 )
+from harness.figures import pyplot
 from harness.geometry import GeometryDefinition, definitions_for, method2_topk
 from harness.harvest import harvest, mlp_neurons_spec
 from harness.stats import Estimate, bootstrap, claim_rng
@@ -150,10 +151,7 @@ def test_agreement_falls_with_depth(w_data, evidence, rng):
 
 
 def _figure_w2(evidence, table) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     layers = [r["layer"] for r in table]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
