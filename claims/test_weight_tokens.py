@@ -142,6 +142,15 @@ def test_agreement_falls_with_depth(w_data, evidence, rng):
     evidence.record("jaccard_slope_per_layer",
                     Estimate(_slope(means), float(lo), float(hi), int(sum(map(len, per_layer))), "bootstrap-percentile"),
                     description=f"least-squares slope of per-layer mean Jaccard vs layer ({label})")
+    if w_data.layers > 3:
+        # Is the trend more than the first layer? The same slope without layer 0.
+        rest = _slope(means[1:])
+        boots_rest = np.array([_slope(np.array([v[rng.integers(0, len(v), len(v))].mean() for v in per_layer[1:]]))
+                               for _ in range(500)])
+        lo_r, hi_r = np.percentile(boots_rest, [2.5, 97.5])
+        evidence.record("jaccard_slope_without_layer_0",
+                        Estimate(rest, float(lo_r), float(hi_r), int(sum(map(len, per_layer[1:]))), "bootstrap-percentile"),
+                        description="the same slope over layers 1..L-1 (is the fall carried by layer 0 alone?)")
     table = _per_layer_table(w_data)
     evidence.record("jaccard_first_minus_last",
                     Estimate(float(means[0] - means[-1]), float("nan"), float("nan"), w_data.layers, "difference"),

@@ -197,6 +197,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         cid = _claim_id(item, state.registry)
         if cid is None:
             continue
+        # `-k H2` (or `-k "W1 or W3"`) selects by claim id, not only by test name.
+        item.extra_keyword_matches.add(cid)
         expected = state.registry[cid].expected_verdict(state.spec.id)
         if expected in ("refuted", "inconclusive"):
             raises = ClaimRefuted if expected == "refuted" else ClaimInconclusive
