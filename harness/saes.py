@@ -44,7 +44,7 @@ class SAESpec:
     hook_name: str
     """TransformerLens hook the SAE reads and reconstructs, e.g. ``blocks.15.hook_resid_pre``."""
     d_sae: int
-    """Number of features (default: 8 x d_model for residual hooks, 4 x d_mlp for MLP)."""
+    """Number of features (default: 8 x d_model for residual hooks, 2 x d_mlp for MLP)."""
     architecture: Literal["standard", "topk"] = "topk"
     """sae-lens training architecture: ``topk`` (k active features) or ``standard`` (ReLU+L1)."""
     k: int = 32
@@ -106,22 +106,26 @@ def sae_depths(n_layers: int) -> tuple[int, ...]:
 
 
 def default_sae_specs(
-    model: Any, *, resid_expansion: int = 8, mlp_expansion: int = 4, **overrides: Any
+    model: Any, *, resid_expansion: int = 8, mlp_expansion: int = 2, mlp_k: int = 64,
+    **overrides: Any,
 ) -> tuple[SAESpec, ...]:
     """Residual SAEs at ``blocks.{L}.hook_resid_pre`` for L in :func:`sae_depths` (family S),
-    plus one on ``blocks.{n_layers // 2}.mlp.hook_post`` (family R).
+    plus one on ``blocks.{n_layers // 2}.mlp.hook_post`` (family R), all trained in one pass.
 
     ``mlp.hook_post`` is the MLP's hidden layer (d_mlp wide, SwiGLU output in SmolLM2): the
     activations "Towards Monosemanticity", which family R's source reimplements, decomposed;
     ``hook_mlp_out`` would be the MLP's d_model-wide write into the residual stream instead.
-    ``overrides`` replace SAESpec fields in all five.
+    The MLP SAE is 2 x d_mlp with k = 64: on SmolLM2 a 4 x d_mlp one reconstructed no better
+    (FVE 0.584 vs 0.582 at k = 32, 300 steps) with 40 % of its features dead, and k = 64
+    raised the FVE to 0.641 at 2 % density. ``overrides`` replace SAESpec fields in all five.
     """
     cfg = model.cfg
     specs = [SAESpec(hook_name=f"blocks.{L}.hook_resid_pre", d_sae=resid_expansion * cfg.d_model,
                      **overrides) for L in sae_depths(cfg.n_layers)]
     if cfg.d_mlp:
+        mlp = {"k": mlp_k, **overrides}
         specs.append(SAESpec(hook_name=f"blocks.{cfg.n_layers // 2}.mlp.hook_post",
-                             d_sae=mlp_expansion * cfg.d_mlp, **overrides))
+                             d_sae=mlp_expansion * cfg.d_mlp, **mlp))
     return tuple(specs)
 
 

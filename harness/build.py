@@ -1,0 +1,57 @@
+"""Build the cached artifacts a claim run needs, outside pytest: ``python -m harness.build saes``.
+
+The pytest fixtures build the same artifacts on first use (same cache keys), so this is only a
+way to pay the cold cost up front (``nox -s "build(smollm2-135m)"``) and to time it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.build", description=__doc__)
+    parser.add_argument("what", choices=["saes", "corpus"], help="artifact to build")
+    parser.add_argument("--subject", default="smollm2-135m")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", type=Path,
+                        default=Path(__file__).resolve().parents[1] / ".cache" / "interp-claims")
+    args = parser.parse_args(argv)
+
+    from harness.cache import ContentCache
+    from harness.corpus import CorpusRecipe
+    from harness.harvest import cached_corpus
+    from harness.loaders import load_subject
+    from harness.subjects import SubjectError, parse_subject
+
+    try:
+        spec = parse_subject(args.subject, device=args.device, dtype="float32", seed=args.seed)
+        loaded = load_subject(spec)
+    except SubjectError as exc:  # SubjectUnavailable included
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    cache = ContentCache(args.cache_dir)
+    start = time.perf_counter()
+    corpus = cached_corpus(cache, loaded.model.tokenizer, CorpusRecipe(seed=args.seed))
+    report: dict = {"subject": spec.id, "corpus_sha256": corpus.sha256}
+    if args.what == "saes":
+        from harness.sae_train import get_or_train_saes
+        from harness.saes import default_sae_specs
+
+        saes = get_or_train_saes(cache, loaded, corpus, default_sae_specs(loaded.model))
+        report["saes"] = [{"hook": s.hook_name, "d_sae": s.sae.cfg.d_sae,
+                           "train_seconds": s.source["train_seconds"],
+                           **{k: round(v, 4) if isinstance(v, float) else v
+                              for k, v in s.quality.items()}} for s in saes]
+    report["wall_seconds"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
