@@ -49,3 +49,12 @@ def lint(session: nox.Session) -> None:
     """ruff over the whole tree."""
     session.install("ruff>=0.5")
     session.run("ruff", "check", ".", *session.posargs)
+
+
+@nox.session
+@nox.parametrize("subject", ["smollm2-135m", "smollm2-135m:random", "gpt2-small"])
+def build(session: nox.Session, subject: str) -> None:
+    """Build (or reuse) the subject's SAEs in the content cache, timed: the claims' fixtures
+    would build the same artifacts on first use."""
+    install(session)
+    session.run("python", "-m", "harness.build", "saes", f"--subject={subject}", *session.posargs)

@@ -27,12 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     from harness.corpus import CorpusRecipe
     from harness.harvest import cached_corpus
     from harness.loaders import load_subject
-    from harness.subjects import SubjectError, parse_subject
+    from harness.subjects import SubjectError, SubjectUnavailable, parse_subject
 
     try:
         spec = parse_subject(args.subject, device=args.device, dtype="float32", seed=args.seed)
         loaded = load_subject(spec)
-    except SubjectError as exc:  # SubjectUnavailable included
+    except (SubjectError, SubjectUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     cache = ContentCache(args.cache_dir)
@@ -40,12 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     corpus = cached_corpus(cache, loaded.model.tokenizer, CorpusRecipe(seed=args.seed))
     report: dict = {"subject": spec.id, "corpus_sha256": corpus.sha256}
     if args.what == "saes":
-        from harness.sae_train import get_or_train_saes
-        from harness.saes import default_sae_specs
+        from harness.sae_train import subject_saes
 
-        saes = get_or_train_saes(cache, loaded, corpus, default_sae_specs(loaded.model))
-        report["saes"] = [{"hook": s.hook_name, "d_sae": s.sae.cfg.d_sae,
-                           "train_seconds": s.source["train_seconds"],
+        try:
+            saes = subject_saes(cache, loaded, corpus)
+        except (SubjectError, SubjectUnavailable) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        report["saes"] = [{"hook": s.hook_name, "d_sae": s.sae.cfg.d_sae, "origin": s.origin,
+                           "train_seconds": s.source.get("train_seconds"),
                            **{k: round(v, 4) if isinstance(v, float) else v
                               for k, v in s.quality.items()}} for s in saes]
     report["wall_seconds"] = round(time.perf_counter() - start, 1)

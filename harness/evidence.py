@@ -22,6 +22,8 @@ from harness.registry import Claim
 from harness.stats import Estimate, decide
 
 SCHEMA_VERSION = "1.0"
+IMAGE_SUFFIXES = (".png", ".svg", ".jpg", ".jpeg", ".gif")
+"""Listed files the Markdown embeds as images; any other attachment is rendered as a link."""
 
 
 class ClaimRefuted(AssertionError):
@@ -98,6 +100,19 @@ class ClaimEvidence:
         self.figure_dir.mkdir(parents=True, exist_ok=True)
         path = self.figure_dir / f"{self.claim.id}_{name}.png"
         fig.savefig(path, dpi=110, bbox_inches="tight")
+        self.figures.append(str(Path("figures") / path.name))
+        return path
+
+    def attach(self, name: str, text: str, suffix: str = ".html") -> Path:
+        """Write a text attachment (e.g. a self-contained HTML token view) beside the figures,
+        atomically, as ``{claim.id}_{name}{suffix}``, and list it with the figures: the
+        Markdown report links to it (only images are embedded)."""
+        if not name or "/" in name or "\\" in name:
+            raise ValueError(f"attachment name must be a non-empty file name part, got {name!r}")
+        if not suffix.startswith(".") or "/" in suffix:
+            raise ValueError(f"suffix must start with '.', got {suffix!r}")
+        path = self.figure_dir / f"{self.claim.id}_{name}{suffix}"
+        atomic_write_text(path, text)
         self.figures.append(str(Path("figures") / path.name))
         return path
 
@@ -229,7 +244,8 @@ def render_markdown(doc: dict) -> str:
             out += [f"- {p['quantity']} = {p['value']} ({p['subject']}; {p['provenance']})" for p in r["published"]]
             out.append("")
         out += [f"- {n}" for n in r.get("notes", [])]
-        out += [f"![{f}]({f})" for f in r.get("figures", [])]
+        out += [f"![{f}]({f})" if f.lower().endswith(IMAGE_SUFFIXES) else f"- [{f}]({f})"
+                for f in r.get("figures", [])]
         out.append("")
     return "\n".join(out)
 

@@ -273,12 +273,15 @@ def corpus(run_state: RunState, subject, content_cache):
 
 @pytest.fixture(scope="session")
 def saes(subject, corpus, content_cache):
-    """The subject's SAEs (harness.saes.default_sae_specs: four residual depths + one MLP),
-    trained once with sae-lens on the background corpus and cached. Read-only."""
-    from harness.sae_train import get_or_train_saes
-    from harness.saes import default_sae_specs
+    """The subject's SAEs (harness.sae_train.subject_saes): four residual depths + one MLP,
+    the source's hub SAEs where published, else trained once with sae-lens on the background
+    corpus and cached. Read-only."""
+    from harness.sae_train import subject_saes
 
-    return get_or_train_saes(content_cache, subject, corpus, default_sae_specs(subject.model))
+    try:
+        return subject_saes(content_cache, subject, corpus)
+    except SubjectUnavailable as exc:
+        pytest.skip(f"unavailable: {exc}")
 
 
 @pytest.fixture

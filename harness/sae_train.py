@@ -323,3 +323,26 @@ def _read(cache: ContentCache, loaded: LoadedSubject, corpus: Corpus, spec: SAES
                 "trained_with": entry.meta["trained_with"], "subject_weight_hash": loaded.weight_hash,
                 "corpus_sha256": corpus.sha256},
     )
+
+
+HUB_SAES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "gpt2-small": ("gpt2-small-res-jb", tuple(f"blocks.{d}.hook_resid_pre" for d in (6, 8, 10, 11))),
+}
+"""Subjects whose residual SAEs the sources published: subject id -> (sae-lens release, ids)."""
+
+
+def subject_saes(cache: ContentCache, loaded: LoadedSubject, corpus: Corpus) -> tuple[LoadedSAE, ...]:
+    """The SAEs families S and R run on: the source's hub SAEs where they exist (gpt2-small:
+    ``gpt2-small-res-jb`` at blocks 6/8/10/11; SubjectUnavailable offline), locally trained
+    ones otherwise (:func:`harness.saes.default_sae_specs`); the MLP SAE is always trained."""
+    from harness.saes import default_sae_specs, load_hub_sae
+
+    specs = default_sae_specs(loaded.model)
+    hub = HUB_SAES.get(loaded.spec.id)
+    if hub is None:
+        return get_or_train_saes(cache, loaded, corpus, specs)
+    release, ids = hub
+    device = str(loaded.model.cfg.device)
+    resid = tuple(load_hub_sae(release, i, device=device) for i in ids)
+    mlp = [s for s in specs if not s.hook_name.endswith("hook_resid_pre")]
+    return resid + get_or_train_saes(cache, loaded, corpus, mlp)

@@ -11,10 +11,12 @@ controls. Every SAE is a real sae-lens ``SAE`` object, so one metric code path s
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from harness.loaders import weights_hash
@@ -146,6 +148,10 @@ class LoadedSAE:
     def hook_name(self) -> str:
         return self.sae.cfg.metadata.hook_name
 
+    @functools.cached_property
+    def weights_sha256(self) -> str:
+        return weights_hash(self.sae)  # ~0.2 s per SAE: once, not once per claim record
+
     def provenance(self) -> dict[str, Any]:
         return {
             "origin": self.origin,
@@ -153,7 +159,7 @@ class LoadedSAE:
             "architecture": self.sae.cfg.architecture(),
             "d_in": self.sae.cfg.d_in,
             "d_sae": self.sae.cfg.d_sae,
-            "weights_sha256": weights_hash(self.sae),
+            "weights_sha256": self.weights_sha256,
             "spec": None if self.spec is None else dataclasses.asdict(self.spec),
             "quality": self.quality,
             **self.source,
@@ -204,29 +210,63 @@ def sae_quality(
     return sae_quality_many([sae], loaded, tokens, skip_bos=skip_bos, batch_size=batch_size)[0]
 
 
-@torch.no_grad()
 def sae_quality_many(
     saes: Sequence[Any], loaded: Any, tokens: torch.Tensor, *, skip_bos: bool = True,
     batch_size: int = 8,
 ) -> list[dict[str, float]]:
     """:func:`sae_quality` for several SAEs, sharing the clean pass (all hooks captured at once)
     and the zero-ablation pass of each distinct hook: 1 + n_saes + n_hooks forward passes."""
+    rows = sae_quality_rows(saes, loaded, tokens, skip_bos=skip_bos, batch_size=batch_size)
+    return [quality_from_rows(r) | {"dead_share": r["dead_share"]} for r in rows]
+
+
+def quality_from_rows(r: dict[str, Any], rows: np.ndarray | None = None) -> dict[str, Any]:
+    """The :func:`sae_quality` metrics from per-context sums (:func:`sae_quality_rows`) over
+    the chosen contexts (all by default; repeats allowed, so a caller can bootstrap)."""
+    idx = np.arange(len(r["n"])) if rows is None else rows
+    tot = {k: r[k][idx].sum(0) for k in ("sse", "q", "s", "n", "cos", "l0", "ce_n", "ce_clean",
+                                          "ce_spliced", "ce_ablated")}
+    n, clean = tot["n"], tot["ce_clean"] / tot["ce_n"]
+    spliced, ablated = tot["ce_spliced"] / tot["ce_n"], tot["ce_ablated"] / tot["ce_n"]
+    return {
+        "fve": float(1 - tot["sse"] / (tot["q"] - np.square(tot["s"]).sum() / n)),
+        "fve_uncentered": float(1 - tot["sse"] / tot["q"]),
+        "cosine": float(tot["cos"] / n),
+        "l0": float(tot["l0"] / n),
+        "ce_clean": float(clean),
+        "ce_spliced": float(spliced),
+        "ce_zero_ablation": float(ablated),
+        "ce_recovered": float((ablated - spliced) / (ablated - clean)),
+        "n_tokens": int(n),
+        "skip_bos": r["skip_bos"],
+    }
+
+
+@torch.no_grad()
+def sae_quality_rows(
+    saes: Sequence[Any], loaded: Any, tokens: torch.Tensor, *, skip_bos: bool = True,
+    batch_size: int = 8,
+) -> list[dict[str, Any]]:
+    """Per SAE, per-context float64 sums behind :func:`sae_quality` (arrays of length
+    n_contexts: ``sse``, ``q``, ``cos``, ``l0``, ``n`` over kept positions, ``s`` (n, d_in),
+    ``ce_clean`` / ``ce_spliced`` / ``ce_ablated`` summed over the context's next-token
+    losses, ``ce_n``) plus ``dead_share`` over all contexts."""
     model, dev = loaded.model, loaded.model.cfg.device
     hooks = [sae.cfg.metadata.hook_name for sae in saes]
     if None in hooks:
         raise ValueError("an SAE's metadata names no hook_name")
     keep = torch.ones(tokens.shape[1], dtype=torch.bool, device=dev)
     keep[0] = not skip_bos
-    keys = ("sse", "sq", "cos", "l0", "n", "spliced")
-    sums = [dict.fromkeys(keys, 0.0) for _ in saes]
-    sum_x = [torch.zeros(sae.cfg.d_in, dtype=torch.float64, device=dev) for sae in saes]
+    keys = ("sse", "q", "s", "cos", "l0", "n", "ce_spliced")
+    acc: list[dict[str, list]] = [{k: [] for k in keys} for _ in saes]
     fired = [torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=dev) for sae in saes]
-    ce_clean, ce_ablated, n_ce = 0.0, dict.fromkeys(hooks, 0.0), 0
+    ce_clean: list[torch.Tensor] = []
+    ce_ablated: dict[str, list[torch.Tensor]] = {h: [] for h in dict.fromkeys(hooks)}
 
-    def run(fwd_hooks: list) -> float:
+    def run(fwd_hooks: list) -> torch.Tensor:  # (b,) summed next-token loss per context
         with model.hooks(fwd_hooks=fwd_hooks):
             loss = model(batch, return_type="loss", loss_per_token=True)  # (b, pos - 1)
-        return loss.double().sum().item()
+        return loss.double().sum(1)
 
     def replace_kept(values: torch.Tensor):
         def hook_fn(act, hook):
@@ -243,41 +283,72 @@ def sae_quality_many(
             held[hook.name] = act
             return act
 
-        ce_clean += run([(h, capture) for h in dict.fromkeys(hooks)])
-        n_ce += batch.shape[0] * (batch.shape[1] - 1)
+        ce_clean.append(run([(h, capture) for h in dict.fromkeys(hooks)]))
         for h in ce_ablated:
-            ce_ablated[h] += run([(h, replace_kept(torch.zeros_like(held[h])))])
-        for sae, h, acc, sx, fi in zip(saes, hooks, sums, sum_x, fired, strict=True):
+            ce_ablated[h].append(run([(h, replace_kept(torch.zeros_like(held[h])))]))
+        for sae, h, a, fi in zip(saes, hooks, acc, fired, strict=True):
             feats = sae.encode(held[h])  # (b, pos, d_sae)
             x_hat = sae.decode(feats)  # (b, pos, d_in)
-            acc["spliced"] += run([(h, replace_kept(x_hat))])
+            a["ce_spliced"].append(run([(h, replace_kept(x_hat))]))
             x, xh = held[h][:, keep].double(), x_hat[:, keep].double()  # (b, kept, d_in)
             f = feats[:, keep] != 0  # (b, kept, d_sae)
-            acc["sse"] += (x - xh).pow(2).sum().item()
-            acc["sq"] += x.pow(2).sum().item()
-            acc["cos"] += torch.nn.functional.cosine_similarity(x, xh, dim=-1).sum().item()
-            acc["l0"] += f.sum().item()
-            acc["n"] += x.shape[0] * x.shape[1]
-            sx += x.sum((0, 1))
+            a["sse"].append((x - xh).pow(2).sum((1, 2)))
+            a["q"].append(x.pow(2).sum((1, 2)))
+            a["s"].append(x.sum(1))
+            a["cos"].append(torch.nn.functional.cosine_similarity(x, xh, dim=-1).sum(1))
+            a["l0"].append(f.sum((1, 2)).double())
+            a["n"].append(torch.full((x.shape[0],), float(x.shape[1]), dtype=torch.float64))
             fi |= f.any(1).any(0)
+    clean = torch.cat(ce_clean).cpu().numpy()
     out = []
-    for h, acc, sx, fi in zip(hooks, sums, sum_x, fired, strict=True):
-        n, clean, ablated = acc["n"], ce_clean / n_ce, ce_ablated[h] / n_ce
-        spliced = acc["spliced"] / n_ce
-        out.append({
-            "fve": 1 - acc["sse"] / (acc["sq"] - sx.pow(2).sum().item() / n),
-            "fve_uncentered": 1 - acc["sse"] / acc["sq"],
-            "cosine": acc["cos"] / n,
-            "l0": acc["l0"] / n,
-            "dead_share": 1 - fi.double().mean().item(),
-            "ce_clean": clean,
-            "ce_spliced": spliced,
-            "ce_zero_ablation": ablated,
-            "ce_recovered": (ablated - spliced) / (ablated - clean),
-            "n_tokens": int(n),
-            "skip_bos": skip_bos,
-        })
+    for h, a, fi in zip(hooks, acc, fired, strict=True):
+        r: dict[str, Any] = {k: torch.cat(v).cpu().numpy() for k, v in a.items()}
+        r.update(ce_clean=clean, ce_ablated=torch.cat(ce_ablated[h]).cpu().numpy(),
+                 ce_n=np.full(len(clean), float(tokens.shape[1] - 1)),
+                 dead_share=1 - fi.double().mean().item(), skip_bos=skip_bos)
+        out.append(r)
     return out
+
+
+@torch.no_grad()
+def reconstruction_sums(sae: Any, acts: torch.Tensor, keep: torch.Tensor,
+                        batch_size: int = 16) -> dict[str, np.ndarray]:
+    """Per-row sums behind FVE, L0 and the hook-mismatch detector, over the kept positions.
+
+    ``acts`` (n, pos, d_in) activations fed to ``sae``; ``keep`` (n, pos) bool. Per row: ``sse``
+    = sum ||x - x_hat||^2, ``q`` = sum ||x||^2, ``s`` = sum x (n, d_in), ``n`` = kept
+    positions, ``l0`` = nonzero codes, ``relu_l0`` = positive encoder pre-activations (read at
+    sae-lens' ``hook_sae_acts_pre``: what a ReLU SAE with these weights would fire; a TopK
+    SAE's own L0 is pinned at k, so only this one can inflate on a wrong hook), and
+    ``dense_nonzero`` = nonzero input coordinates. Rows let a caller bootstrap over texts
+    (:func:`fve_from_sums`)."""
+    keys = ("sse", "q", "n", "l0", "relu_l0", "dense_nonzero")
+    out: dict[str, list] = {k: [] for k in (*keys, "s")}
+    for xb, kb in zip(acts.split(batch_size), keep.split(batch_size), strict=True):
+        kb = kb.to(xb.device)
+        x = xb.to(sae.W_enc.dtype)
+        _, cache = sae.run_with_cache(x, names_filter=["hook_sae_acts_pre", "hook_sae_acts_post"])
+        pre, codes = cache["hook_sae_acts_pre"], cache["hook_sae_acts_post"]  # (b, pos, d_sae)
+        x_hat = sae.decode(codes)  # (b, pos, d_in)
+        w = kb.double()  # (b, pos)
+        xd = x.double()
+        out["sse"].append(((xd - x_hat.double()).pow(2).sum(-1) * w).sum(1))
+        out["q"].append((xd.pow(2).sum(-1) * w).sum(1))
+        out["s"].append((xd * w[..., None]).sum(1))
+        out["n"].append(w.sum(1))
+        out["l0"].append(((codes != 0).sum(-1) * kb).sum(1).double())
+        out["relu_l0"].append(((pre > 0).sum(-1) * kb).sum(1).double())
+        out["dense_nonzero"].append(((x != 0).sum(-1) * kb).sum(1).double())
+    return {k: torch.cat(v).cpu().numpy() for k, v in out.items()}
+
+
+def fve_from_sums(sums: dict[str, np.ndarray], rows: np.ndarray | None = None) -> float:
+    """1 - sum sse / sum ||x - mean x||^2 over the chosen rows (all by default; repeats allowed)."""
+    if rows is None:
+        rows = np.arange(len(sums["n"]))
+    n = sums["n"][rows].sum()
+    centred = sums["q"][rows].sum() - np.square(sums["s"][rows].sum(0)).sum() / n
+    return float(1 - sums["sse"][rows].sum() / centred)
 
 
 # --- hub SAEs --------------------------------------------------------------------------------

@@ -130,6 +130,34 @@ def test_figure_is_saved_and_listed(tmp_path: Path) -> None:
     assert "![figures/H1_scatter.png](figures/H1_scatter.png)" in render_markdown(doc)
 
 
+def test_attach_writes_text_beside_figures_and_links_it(tmp_path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    ev = _evidence(tmp_path)
+    fig = Figure(figsize=(2, 2))
+    fig.add_subplot().plot([0, 1], [1, 0])
+    ev.figure(fig, "scatter")
+    page = "<!DOCTYPE html><p>caf\u00e9 &amp; tokens</p>"
+    path = ev.attach("tokens", page)
+    assert path == tmp_path / "figures" / "H1_tokens.html"
+    assert path.read_text(encoding="utf-8") == page
+    assert sorted(p.name for p in path.parent.iterdir()) == ["H1_scatter.png", "H1_tokens.html"]
+    ev.attach("raw", "a,b\n", suffix=".csv")
+    record = ev.to_record()
+    assert record["figures"] == ["figures/H1_scatter.png", "figures/H1_tokens.html",
+                                 "figures/H1_raw.csv"]
+    md = render_markdown({"schema_version": SCHEMA_VERSION, "subject_id": "s", "provenance": {},
+                          "claims": [record]})
+    assert "![figures/H1_scatter.png](figures/H1_scatter.png)" in md
+    assert "- [figures/H1_tokens.html](figures/H1_tokens.html)" in md
+    assert "![figures/H1_tokens.html]" not in md and "[figures/H1_raw.csv](figures/H1_raw.csv)" in md
+    for bad in ("", "a/b"):
+        with pytest.raises(ValueError, match="file name part"):
+            ev.attach(bad, "x")
+    with pytest.raises(ValueError, match="suffix"):
+        ev.attach("x", "x", suffix="html")
+
+
 # --- EvidenceWriter -----------------------------------------------------------------------
 
 PROVENANCE = {"git": {"commit": "abc", "dirty": False}, "device": "cpu", "dtype": "float32",
