@@ -199,7 +199,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             continue
         # `-k H2` (or `-k "W1 or W3"`) selects by claim id, not only by test name.
         item.extra_keyword_matches.add(cid)
-        expected = state.registry[cid].expected_verdict(state.spec.id)
+        callspec = getattr(item, "callspec", None)
+        expected = state.registry[cid].expected_verdict(state.spec.id, callspec.id if callspec else None)
         if expected in ("refuted", "inconclusive"):
             raises = ClaimRefuted if expected == "refuted" else ClaimInconclusive
             item.add_marker(

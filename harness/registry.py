@@ -101,11 +101,16 @@ class Claim:
     decision: Decision
     published: tuple[Published, ...] = ()
     expected: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    """subject id -> verdict measured and reviewed for it; the plugin turns an expected
-    'refuted' or 'inconclusive' into a strict xfail."""
+    """subject id (or ``subject id[test parameter id]``) -> verdict measured and reviewed for
+    it; the plugin turns an expected 'refuted' or 'inconclusive' into a strict xfail."""
     notes: str = ""
 
-    def expected_verdict(self, subject_id: str) -> str | None:
+    def expected_verdict(self, subject_id: str, variant: str | None = None) -> str | None:
+        """The recorded verdict for ``subject_id``; a parametrized test's variant (its pytest
+        parameter id, e.g. ``source-5.0``) may have its own entry ``"SUBJECT[VARIANT]"``,
+        which wins over the subject-wide one."""
+        if variant is not None and f"{subject_id}[{variant}]" in self.expected:
+            return self.expected[f"{subject_id}[{variant}]"]
         return self.expected.get(subject_id)
 
 

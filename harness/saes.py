@@ -46,7 +46,7 @@ class SAESpec:
     hook_name: str
     """TransformerLens hook the SAE reads and reconstructs, e.g. ``blocks.15.hook_resid_pre``."""
     d_sae: int
-    """Number of features (default: 8 x d_model for residual hooks, 2 x d_mlp for MLP)."""
+    """Number of features (default: 4 x d_model for residual hooks, 2 x d_mlp for MLP)."""
     architecture: Literal["standard", "topk"] = "topk"
     """sae-lens training architecture: ``topk`` (k active features) or ``standard`` (ReLU+L1)."""
     k: int = 32
@@ -108,7 +108,7 @@ def sae_depths(n_layers: int) -> tuple[int, ...]:
 
 
 def default_sae_specs(
-    model: Any, *, resid_expansion: int = 8, mlp_expansion: int = 2, mlp_k: int = 64,
+    model: Any, *, resid_expansion: int = 4, mlp_expansion: int = 2, mlp_k: int = 64,
     **overrides: Any,
 ) -> tuple[SAESpec, ...]:
     """Residual SAEs at ``blocks.{L}.hook_resid_pre`` for L in :func:`sae_depths` (family S),
@@ -117,6 +117,10 @@ def default_sae_specs(
     ``mlp.hook_post`` is the MLP's hidden layer (d_mlp wide, SwiGLU output in SmolLM2): the
     activations "Towards Monosemanticity", which family R's source reimplements, decomposed;
     ``hook_mlp_out`` would be the MLP's d_model-wide write into the residual stream instead.
+    The residual SAEs are 4 x d_model (2,304 features for SmolLM2): at 8 x d_model the cold
+    build of all five took 29.5 min on 2 cores (SAE training, not the model forward, is ~95 %
+    of it) and 53-65 % of the 4,608 features never fired on the held-out tokens (FVE
+    0.96/0.94/0.89/0.80 at layers 15/20/25/28, CE recovered 0.96-0.97, 2026-11-22).
     The MLP SAE is 2 x d_mlp with k = 64: on SmolLM2 a 4 x d_mlp one reconstructed no better
     (FVE 0.584 vs 0.582 at k = 32, 300 steps) with 40 % of its features dead, and k = 64
     raised the FVE to 0.641 at 2 % density. ``overrides`` replace SAESpec fields in all five.

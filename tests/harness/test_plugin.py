@@ -468,3 +468,24 @@ def test_xdist_hub_subject_and_hook_leaks(pytester: pytest.Pytester,
         _line_with(out[header:header + 4],
                    f"test left hooks attached to the shared model: ['{module}']")
     _line_with(out, "PASSED", "test_the_model_is_clean_after_the_leaks")
+
+
+VARIANTS = """
+@pytest.mark.claim(id="H1")
+@pytest.mark.parametrize("kind", ["strict", "loose"])
+def test_variant(evidence, kind):
+    value = 0.8 if kind == "strict" else 0.2  # only the loose variant is refuted
+    evidence.record("r", Estimate(value, value - 0.1, value + 0.1, 50, "bootstrap-percentile"))
+    evidence.judge()
+"""
+
+
+def test_expected_verdict_of_one_parametrized_variant(pytester: pytest.Pytester) -> None:
+    registry = REGISTRY.replace(
+        "    decision: {statistic: r, direction: above, threshold: 0.5}\n",
+        "    decision: {statistic: r, direction: above, threshold: 0.5}\n"
+        "    expected: {'smollm2-135m[loose]': refuted}\n", 1)
+    _project(pytester, VARIANTS, registry=registry)
+    result = _run(pytester, f"--evidence-dir={pytester.path / 'ev'}", "-rA")
+    result.assert_outcomes(passed=1, xfailed=1)
+    _line_with(result.outlines, "XFAIL test_claims.py::test_variant[loose]", "H1 recorded as refuted")

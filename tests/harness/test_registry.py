@@ -26,7 +26,7 @@ claims:
       threshold: {float32: 1.0e-4, float64: 1.0e-10}
     published:
       - {quantity: max err, value: 0.0, subject: gpt2-small L8, provenance: paper table 1}
-    expected: {smollm2-135m: refuted}
+    expected: {smollm2-135m: refuted, 'smollm2-135m[scale-free]': inconclusive}
   W1:
     family: W
     title: a range
@@ -88,6 +88,9 @@ def test_good_registry_loads_into_frozen_objects(tmp_path: Path) -> None:
     assert h1.published == (Published("max err", 0.0, "gpt2-small L8", "paper table 1"),)
     assert h1.expected_verdict("smollm2-135m") == "refuted"
     assert h1.expected_verdict("gpt2-small") is None
+    assert h1.expected_verdict("smollm2-135m", "source-5.0") == "refuted"  # falls back to the subject
+    assert h1.expected_verdict("smollm2-135m", "scale-free") == "inconclusive"  # a variant's own entry
+    assert h1.expected_verdict("gpt2-small", "scale-free") is None
     assert reg["W1"].decision.bounds == (-0.1, 0.1)
     with pytest.raises(AttributeError):
         h1.title = "changed"  # type: ignore[misc]
@@ -121,7 +124,7 @@ def test_threshold_for_a_missing_dtype_raises(tmp_path: Path) -> None:
         pytest.param("    family: H\n", "    family: Q\n", "family 'Q' does not match",
                      id="unknown-family"),
         pytest.param("  W1:\n", "  w1:\n", "not of the form", id="bad-id"),
-        pytest.param("{smollm2-135m: refuted}", "{smollm2-135m: wrong}",
+        pytest.param("{smollm2-135m: refuted,", "{smollm2-135m: wrong,",
                      "expected verdicts {'smollm2-135m': 'wrong'}", id="bad-verdict"),
         pytest.param("direction: below", "direction: sideways",
                      "claim H1: direction must be one of",

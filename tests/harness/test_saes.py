@@ -73,7 +73,7 @@ def test_depth_rule_and_default_specs(subject):
     assert sae_depths(2) == (1,)
     specs = default_sae_specs(subject.model)
     assert [s.hook_name for s in specs] == ["blocks.1.hook_resid_pre", "blocks.1.mlp.hook_post"]
-    assert [(s.d_sae, s.k) for s in specs] == [(8 * 32, 32), (2 * 64, 64)]
+    assert [(s.d_sae, s.k) for s in specs] == [(4 * 32, 32), (2 * 64, 64)]
     assert {s.seed for s in default_sae_specs(subject.model, seed=5)} == {5}
     with pytest.raises(ValueError, match="k <= d_sae"):
         SAESpec(hook_name="x", d_sae=4, k=8)
