@@ -489,3 +489,23 @@ def test_expected_verdict_of_one_parametrized_variant(pytester: pytest.Pytester)
     result = _run(pytester, f"--evidence-dir={pytester.path / 'ev'}", "-rA")
     result.assert_outcomes(passed=1, xfailed=1)
     _line_with(result.outlines, "XFAIL test_claims.py::test_variant[loose]", "H1 recorded as refuted")
+
+
+USES_TEXTS = """
+@pytest.mark.claim(id="H2")
+def test_on_texts(evidence, texts):
+    evidence.record("err", exact(0.5, len(texts.texts)))
+    evidence.judge()
+"""
+
+
+def test_user_texts_drop_the_verdicts_recorded_on_the_projects_texts(pytester: pytest.Pytester) -> None:
+    _project(pytester, USES_TEXTS)
+    path = pytester.path / "mine.jsonl"
+    path.write_text('{"category": "a", "text": "one"}\n{"category": "b", "text": "two"}\n', encoding="utf-8")
+    # H2 is recorded as refuted on smollm2-135m: a strict xfail on the project's texts ...
+    _run(pytester, f"--evidence-dir={pytester.path / 'ev1'}").assert_outcomes(xfailed=1)
+    # ... but measured on the user's texts it is their result, reported as refuted.
+    result = _run(pytester, f"--evidence-dir={pytester.path / 'ev2'}", f"--texts={path}")
+    result.assert_outcomes(failed=1)
+    assert _records(pytester.path / "ev2" / SUBJECT / "evidence.json")["test_on_texts"]["verdict"] == "refuted"
