@@ -210,6 +210,25 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+SAE_HEADER = ["hook", "origin", "d_sae", "FVE", "L0", "dead share", "CE recovered", "weights sha256"]
+_SAE_QUALITY = ("fve", "l0", "dead_share", "ce_recovered")
+
+
+def sae_rows(records: list[dict]) -> list[list[str]]:
+    """One row per distinct SAE named in the claims' ``inputs.saes`` (quality on held-out
+    contexts as measured when it was built; '-' for hub SAEs, whose quality is not measured)."""
+    seen: dict[str, list[str]] = {}
+    for r in records:
+        for sae in (r.get("inputs") or {}).get("saes") or ():
+            key = sae.get("weights_sha256", "")
+            if key in seen:
+                continue
+            q = sae.get("quality") or {}
+            seen[key] = [sae.get("hook_name", "?"), sae.get("origin", "?"), str(sae.get("d_sae", "?")),
+                         *(_fmt(q[k]) if k in q else "-" for k in _SAE_QUALITY), key[:16]]
+    return list(seen.values())
+
+
 def render_markdown(doc: dict) -> str:
     prov = doc["provenance"]
     subj = prov.get("subject") or {}
@@ -224,6 +243,9 @@ def render_markdown(doc: dict) -> str:
         markdown_table(SUMMARY_HEADER, summary_rows(doc["claims"])),
         "",
     ]
+    saes = sae_rows(doc["claims"])
+    if saes:
+        out += ["## SAEs the claims ran on", "", markdown_table(SAE_HEADER, saes), ""]
     for r in doc["claims"]:
         out += [f"## {r['id']}: {r.get('title', '')} ({r.get('verdict')})", "", f"Test: `{r.get('test')}`", ""]
         if r.get("statement"):

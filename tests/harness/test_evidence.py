@@ -158,6 +158,23 @@ def test_attach_writes_text_beside_figures_and_links_it(tmp_path: Path) -> None:
         ev.attach("x", "x", suffix="html")
 
 
+def test_markdown_lists_each_sae_once_with_its_quality() -> None:
+    trained = {"hook_name": "blocks.1.hook_resid_pre", "origin": "trained-locally", "d_sae": 64,
+               "weights_sha256": "a" * 64, "quality": {"fve": 0.91234, "l0": 8.0, "dead_share": 0.25,
+                                                       "ce_recovered": 0.5}}
+    hub = {"hook_name": "blocks.8.hook_resid_pre", "origin": "hub", "d_sae": 24576,
+           "weights_sha256": "b" * 64, "quality": {}}
+    claims = [{"id": "S1", "inputs": {"saes": [trained, hub]}}, {"id": "S2", "inputs": {"saes": [trained]}},
+              {"id": "H1", "inputs": {}}]
+    md = render_markdown({"schema_version": SCHEMA_VERSION, "subject_id": "s", "provenance": {},
+                          "claims": claims})
+    assert md.count("| blocks.1.hook_resid_pre | trained-locally | 64 | 0.9123 | 8 | 0.25 | 0.5 | aaaaaaaaaaaaaaaa |") == 1
+    assert "| blocks.8.hook_resid_pre | hub | 24576 | - | - | - | - | bbbbbbbbbbbbbbbb |" in md
+    no_saes = render_markdown({"schema_version": SCHEMA_VERSION, "subject_id": "s", "provenance": {},
+                               "claims": [{"id": "H1"}]})
+    assert "SAEs the claims ran on" not in no_saes
+
+
 # --- EvidenceWriter -----------------------------------------------------------------------
 
 PROVENANCE = {"git": {"commit": "abc", "dirty": False}, "device": "cpu", "dtype": "float32",
