@@ -356,7 +356,7 @@ def test_specialists_detect_syntax_not_topic(subject, saes, s_data, s_acts, s_ba
     for s in specs:
         r = _trigger_ratio(zs[s], tokens, keep, labels == s.category)
         rows.append({"depth": s.depth, "category": s.category, "feature": s.feature, "score": s.score,
-                     **r, "trigger_strings": [tok.decode([t]) for t in r["triggers"]]})
+                     **r, "trigger_strings": tok.convert_ids_to_tokens(r["triggers"])})  # byte-level pieces stay distinct
     ratios = np.array([r["ratio"] for r in rows], dtype=float)
     ok = ratios[np.isfinite(ratios)]
     if ok.size < 3:
