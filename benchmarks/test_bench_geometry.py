@@ -13,18 +13,17 @@ Run: python -m pytest benchmarks/test_bench_geometry.py -q -p no:cacheprovider -
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 import torch
+from timing import interleaved_best
 
 from harness.geometry import DEFAULT_CHUNK, score_topk
 from harness.topk import StreamingTopK, TopKSpec
 
 D_VOCAB, D_MODEL, D_MLP, K = 49152, 576, 1536, 20  # SmolLM2-135M: vocabulary x one MLP layer
-ROUNDS = 2
 THREADS = [None, 1]
 THREAD_IDS = ["default-threads", "1-thread"]
 
@@ -48,22 +47,6 @@ def _inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return W_E, W, scale
 
 
-def _interleaved_best(
-    fns: dict[str, Callable[[], object]], rounds: int = ROUNDS
-) -> dict[str, float]:
-    """Minimum wall time of each function, in seconds, alternating them round by round so that a
-    load spike from other jobs on the shared cores hits all of them alike (one warm-up each)."""
-    best = {name: float("inf") for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
-
-
 @pytest.mark.parametrize("threads", THREADS, ids=THREAD_IDS)
 @pytest.mark.parametrize("cosine", [True, False], ids=["tl_cosine", "viewer"])
 def test_layer_scoring_vs_gemm(benchmark, cosine: bool, threads: int | None) -> None:
@@ -76,7 +59,7 @@ def test_layer_scoring_vs_gemm(benchmark, cosine: bool, threads: int | None) -> 
 
     with _threads(threads) as n_threads:
         benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
-        t = _interleaved_best({"gemm": lambda: W_E @ W, "scoring": run})
+        t = interleaved_best({"gemm": lambda: W_E @ W, "scoring": run})
     benchmark.extra_info.update(
         {
             "shape": [D_VOCAB, D_MODEL, D_MLP],
@@ -102,7 +85,7 @@ def test_chunk_sweep(benchmark, chunk: int, threads: int | None) -> None:
 
     with _threads(threads) as n_threads:
         benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
-        t = _interleaved_best({"gemm": lambda: W_E @ W, "scoring": run})
+        t = interleaved_best({"gemm": lambda: W_E @ W, "scoring": run})
     benchmark.extra_info.update(
         {
             "chunk": chunk,
@@ -129,7 +112,7 @@ def test_streamingtopk_merge_baseline(benchmark) -> None:
         return topk.result()
 
     benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
-    t = _interleaved_best(
+    t = interleaved_best(
         {
             "gemm": lambda: W_E @ W,
             "streamingtopk": run,

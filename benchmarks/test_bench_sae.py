@@ -22,7 +22,7 @@ seeded inputs, no model. Numbers go to ``benchmark.extra_info``; nothing is asse
   Cases: no feature dead (the first ``dead_feature_window`` steps) and a quarter dead, which
   adds the auxiliary top-k and a second dense decode to both sides.
 
-Timings alternate the functions round by round and keep each one's best (``_interleaved_best``,
+Timings alternate the functions round by round and keep each one's best (``timing.interleaved_best``,
 as in test_bench_geometry.py); the load average is recorded with them, since on shared cores the
 absolute times (and, less so, the ratios) move with other jobs.
 
@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
+from timing import interleaved_best
 
 from harness.sae_train import new_training_sae, to_inference
 from harness.saes import SAESpec, sae_from_state
@@ -49,23 +49,6 @@ SHAPES = {
     "mlp": (1536, 3072, 64, "blocks.15.mlp.hook_post"),
 }
 ENCODE_BATCH = 4096
-ROUNDS = 2
-
-
-def _interleaved_best(
-    fns: dict[str, Callable[[], object]], rounds: int = ROUNDS
-) -> dict[str, float]:
-    """Minimum wall time of each function, in seconds, alternating them round by round so that a
-    load spike from other jobs on the shared cores hits all of them alike (one warm-up each)."""
-    best = {name: float("inf") for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
 
 
 def _spec(shape: str, architecture: str = "topk") -> SAESpec:
@@ -130,7 +113,7 @@ def test_encode_vs_addmm(benchmark, shape: str, architecture: str) -> None:
         few = x[:256]  # equivalence on 256 rows: cheap, and the same code path
         for fn in same:
             torch.testing.assert_close(fn(few), encode(few), rtol=1e-5, atol=1e-5)
-        t = _interleaved_best(fns)  # warms every function up first
+        t = interleaved_best(fns)  # warms every function up first
         benchmark.pedantic(encode, rounds=1, iterations=1, warmup_rounds=0)
     flop = 2 * ENCODE_BATCH * d_in * d_sae
     benchmark.extra_info.update(
@@ -214,7 +197,7 @@ def test_train_step_vs_forward(benchmark, shape: str, dead_share: float) -> None
     assert torch.equal(trainer.dead_neurons, dead)
     out = forward()
     has_aux = float(out.losses["auxiliary_reconstruction_loss"]) > 0
-    t = _interleaved_best({"forward": forward, "forward_backward": forward_backward, "step": step,
+    t = interleaved_best({"forward": forward, "forward_backward": forward_backward, "step": step,
                            "encode_decode": encode_decode})
     benchmark.pedantic(step, rounds=1, iterations=1, warmup_rounds=0)
     n_params = sum(p.numel() for p in sae.parameters())
