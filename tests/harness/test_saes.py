@@ -240,3 +240,35 @@ def test_hub_sae_offline_and_from_hf_cache(tmp_path):
     assert hit["ok"] and hit["origin"] == "hub" and hit["hook"] == folder
     assert torch.equal(torch.tensor(hit["w_enc"]), sae.W_enc)
     assert not miss["ok"] and "unreachable" in miss["msg"] and miss["seconds"] < 5
+
+
+def test_subject_saes_takes_the_sources_hub_saes_and_trains_only_the_rest(subject, corpus, tmp_path,
+                                                                          monkeypatch):
+    import harness.saes as saes_mod
+    from harness.subjects import SubjectUnavailable
+
+    hub_ids = ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre")
+    monkeypatch.setattr(sae_train, "HUB_SAES", {"tiny": ("a-release", hub_ids)})
+    asked, trained = [], []
+
+    def fake_hub(release, sae_id, *, device="cpu", dtype="float32"):
+        asked.append((release, sae_id))
+        return identity_sae(32, hook_name=sae_id)
+
+    def fake_train(cache, loaded, corpus, specs):
+        trained.extend(specs)
+        return ("trained",) * len(specs)
+
+    monkeypatch.setattr(saes_mod, "load_hub_sae", fake_hub)
+    monkeypatch.setattr(sae_train, "get_or_train_saes", fake_train)
+    out = sae_train.subject_saes(ContentCache(tmp_path), subject, corpus)
+    assert asked == [("a-release", h) for h in hub_ids]
+    assert [s.hook_name for s in trained] == ["blocks.1.mlp.hook_post"]  # the MLP SAE only
+    assert [s.hook_name for s in out[:2]] == list(hub_ids) and out[2:] == ("trained",)
+
+    def offline(*a, **k):
+        raise SubjectUnavailable("hub unreachable")
+
+    monkeypatch.setattr(saes_mod, "load_hub_sae", offline)
+    with pytest.raises(SubjectUnavailable, match="unreachable"):
+        sae_train.subject_saes(ContentCache(tmp_path), subject, corpus)
