@@ -51,10 +51,12 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", ".", *session.posargs)
 
 
+SAE_SUBJECTS = ["smollm2-135m", "smollm2-135m:random", "gpt2-small"]
+
+
 @nox.session
-@nox.parametrize("subject", ["smollm2-135m", "smollm2-135m:random", "gpt2-small"])
+@nox.parametrize("subject", SAE_SUBJECTS, ids=SAE_SUBJECTS)
 def build(session: nox.Session, subject: str) -> None:
-    """Build (or reuse) the subject's SAEs in the content cache, timed: the claims' fixtures
-    would build the same artifacts on first use."""
+    """Build (or reuse) the subject's SAEs in the content cache, timed (fixtures build the same on first use)."""
     install(session)
     session.run("python", "-m", "harness.build", "saes", f"--subject={subject}", *session.posargs)
