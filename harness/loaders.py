@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import json
 import logging
 import socket
 import tempfile
@@ -47,8 +48,11 @@ class LoadedSubject:
     spec: SubjectSpec
     model: Any  # transformer_lens.HookedTransformer (imported lazily: heavy)
     weight_hash: str
-    """sha256 over the processed parameters, in name order."""
+    """The weights' identity for caches: sha256 of the converted weights before processing plus
+    the processing options (converted subjects), else of the processed parameters."""
     load_seconds: float
+    processed_weight_hash: str = ""
+    """sha256 over the processed parameters, in name order (what this process computes with)."""
     planted: dict[int, int] | None = dataclasses.field(default=None, hash=False)
     """Planted subjects only: wired neuron -> token id, the same in every layer (the known
     answer); None for every other subject."""
@@ -58,6 +62,7 @@ class LoadedSubject:
         return {
             **self.spec.to_dict(),
             "weight_hash": self.weight_hash,
+            "processed_weight_hash": self.processed_weight_hash,
             "n_params": sum(p.numel() for p in self.model.parameters()),
             "n_layers": self.model.cfg.n_layers,
             "d_model": self.model.cfg.d_model,
@@ -152,8 +157,10 @@ def tl_config(hf_config: Any, spec: SubjectSpec) -> Any:
             ) from None
 
 
-def hooked_from_hf(hf_model: Any, tokenizer: Any, spec: SubjectSpec) -> Any:
-    """Convert a loaded transformers model with TL's converters, then process its weights."""
+def hooked_from_hf(hf_model: Any, tokenizer: Any, spec: SubjectSpec) -> tuple[Any, str]:
+    """Convert a loaded transformers model with TL's converters, then process its weights.
+    Returns (model, identity): identity = sha256 of the converted weights BEFORE processing
+    plus the processing options (see :func:`load_subject`)."""
     from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as loading
 
@@ -163,10 +170,12 @@ def hooked_from_hf(hf_model: Any, tokenizer: Any, spec: SubjectSpec) -> Any:
     # The converters return views of the HF parameters and TL's processing may write in
     # place; clone so one HF model can feed several processing variants unchanged.
     state_dict = {k: v.detach().clone() for k, v in state_dict.items()}
+    identity = _state_hash(state_dict, extra=json.dumps(
+        {"processing": spec.processing.as_kwargs(), "dtype": str(spec.torch_dtype)}, sort_keys=True))
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     model.load_and_process_state_dict(state_dict, **spec.processing.as_kwargs())
     model.move_model_modules_to_device()
-    return model.eval()
+    return model.eval(), identity
 
 
 def random_twin(spec: SubjectSpec) -> Any:
@@ -298,8 +307,12 @@ def load_hub(spec: SubjectSpec) -> Any:
 
 def weights_hash(model: torch.nn.Module) -> str:
     """sha256 over every parameter and buffer's bytes, in name order (dtype and shape included)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    return _state_hash(model.state_dict())
+
+
+def _state_hash(state: dict[str, torch.Tensor], extra: str = "") -> str:
+    h = hashlib.sha256(extra.encode())
+    for name, tensor in sorted(state.items()):
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -315,7 +328,7 @@ def load_subject(
     variants of a subject (parsing the GGUF costs about 30 s on 2 cores).
     """
     start = time.perf_counter()
-    planted = None
+    planted, identity = None, ""
     if spec.kind == "planted":
         model, planted = load_planted(spec)
     elif spec.random_init:
@@ -324,15 +337,22 @@ def load_subject(
         model = load_hub(spec)
     else:
         hf_model, tokenizer = hf_loader(spec)
-        model = hooked_from_hf(hf_model, tokenizer, spec)
+        model, identity = hooked_from_hf(hf_model, tokenizer, spec)
     for name, p in model.named_parameters():
         p.requires_grad_(False)
         if not torch.isfinite(p).all():
             raise SubjectError(f"{spec.id}: parameter {name} has non-finite values after loading")
+    processed = weights_hash(model)
     return LoadedSubject(
         spec=spec,
         model=model,
-        weight_hash=weights_hash(model),
+        # Cache identity of converted subjects: the weights before TL's processing plus the
+        # processing options. The processed weights themselves are not bit-stable across
+        # processes (measured 2026-11-22: 1 load in ~8 gave a different sha256 from the same
+        # GGUF and code; TL's processing runs MKL GEMMs), which made the cache miss and
+        # retrain SAEs; their sha256 is kept in the evidence as processed_weight_hash.
+        weight_hash=identity if identity else processed,
+        processed_weight_hash=processed,
         load_seconds=time.perf_counter() - start,
         planted=planted,
     )

@@ -214,7 +214,7 @@ def test_smollm2_logits_match_hf():
     spec = dataclasses.replace(parse_subject("smollm2-135m"), processing=RAW)
     start = time.perf_counter()
     hf, tok = loaders.load_hf(spec)
-    model = loaders.hooked_from_hf(hf, tok, spec)
+    model, _ = loaders.hooked_from_hf(hf, tok, spec)
     tokens = model.to_tokens("The quick brown fox jumps over the lazy dog. 3 + 4 = 7")
     with torch.no_grad():
         diff = (model(tokens) - hf(tokens).logits).abs().max().item()
