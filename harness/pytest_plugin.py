@@ -200,8 +200,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         cid = _claim_id(item, state.registry)
         if cid is None:
             continue
-        # `-k H2` (or `-k "W1 or W3"`) selects by claim id, not only by test name.
+        # `-k H2` (or `-k "W1 or W3"`) selects by claim id, not only by test name; `-k family-S`
+        # selects a whole family (a bare `-k S` would match every test name containing an "s":
+        # pytest's -k is a case-insensitive substring match).
         item.extra_keyword_matches.add(cid)
+        item.extra_keyword_matches.add(f"family-{state.registry[cid].family}")
         if state.user_texts and "texts" in getattr(item, "fixturenames", ()):
             continue  # expected verdicts were measured on the project's own texts
         callspec = getattr(item, "callspec", None)

@@ -509,3 +509,12 @@ def test_user_texts_drop_the_verdicts_recorded_on_the_projects_texts(pytester: p
     result = _run(pytester, f"--evidence-dir={pytester.path / 'ev2'}", f"--texts={path}")
     result.assert_outcomes(failed=1)
     assert _records(pytester.path / "ev2" / SUBJECT / "evidence.json")["test_on_texts"]["verdict"] == "refuted"
+
+
+def test_k_selects_by_claim_id_and_by_family(pytester: pytest.Pytester) -> None:
+    _project(pytester, XDIST_RECORDS)
+    ev = f"--evidence-dir={pytester.path / 'ev'}"
+    # test_b is refuted (H1 has no expected verdict); H2 and W1 are not, but recorded as refuted
+    _run(pytester, ev, "-k", "family-H").assert_outcomes(passed=1, failed=2)
+    _run(pytester, ev, "-k", "W1").assert_outcomes(failed=1, deselected=3)
+    _run(pytester, ev, "-k", "H2 or family-W").assert_outcomes(failed=2, deselected=2)
