@@ -1,6 +1,7 @@
 """Benchmarks of the SAE hot paths on real sae-lens SAEs at the suite's SmolLM2-135M shapes:
-the residual SAEs (d_in 576, d_sae 4608 = 8 x d_model, k 32) and the MLP SAE (d_in 1536,
-d_sae 3072 = 2 x d_mlp, k 64), built as the suite builds them (harness.sae_train). Random
+the residual SAEs (d_in 576, d_sae 2304 = 4 x d_model, k 32) and the MLP SAE (d_in 1536,
+d_sae 3072 = 2 x d_mlp, k 64), taken from ``harness.saes.default_sae_specs`` and built as the
+suite builds them (harness.sae_train). Random
 seeded inputs, no model. Numbers go to ``benchmark.extra_info``; nothing is asserted about time.
 
 - ``sae.encode`` of 4096 activation vectors vs ``torch.addmm(b_enc, x, W_enc)`` of the same
@@ -34,6 +35,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -41,12 +43,16 @@ import torch
 from timing import interleaved_best
 
 from harness.sae_train import new_training_sae, to_inference
-from harness.saes import SAESpec, sae_from_state
+from harness.saes import SAESpec, default_sae_specs, sae_from_state
 
-# name: (d_in, d_sae, k, hook) -- SmolLM2-135M: 8 x d_model residual SAE, 2 x d_mlp MLP SAE.
+# SmolLM2-135M's dimensions; the SAE specs are the suite's own (default_sae_specs), so the
+# benchmark follows any change to their size.
+_SMOLLM2 = SimpleNamespace(cfg=SimpleNamespace(d_model=576, d_mlp=1536, n_layers=30))
+_SPECS = default_sae_specs(_SMOLLM2)
+# name: (d_in, d_sae, k, hook) -- the shallowest residual SAE and the MLP SAE.
 SHAPES = {
-    "resid": (576, 4608, 32, "blocks.15.hook_resid_pre"),
-    "mlp": (1536, 3072, 64, "blocks.15.mlp.hook_post"),
+    "resid": (_SMOLLM2.cfg.d_model, _SPECS[0].d_sae, _SPECS[0].k, _SPECS[0].hook_name),
+    "mlp": (_SMOLLM2.cfg.d_mlp, _SPECS[-1].d_sae, _SPECS[-1].k, _SPECS[-1].hook_name),
 }
 ENCODE_BATCH = 4096
 
