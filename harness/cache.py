@@ -45,7 +45,7 @@ try:
 except ImportError:  # Windows: no flock; see ContentCache.get_or_compute.
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["ContentCache", "Entry", "cache_key", "file_sha256", "progress"]
+__all__ = ["ContentCache", "Entry", "cache_key", "default_cache_dir", "file_sha256", "progress"]
 
 TENSORS_FILE = "tensors.safetensors"
 META_FILE = "meta.json"
@@ -55,6 +55,18 @@ RESERVED_META = frozenset(
 _PRODUCER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _KEY_RE = re.compile(r"[0-9a-f]{64}")
 T = TypeVar("T")
+APP_NAME = "interp-claims"
+
+
+def default_cache_dir() -> Path:
+    """Where the cache lives unless ``--cache-dir`` says otherwise: the user's cache directory
+    as ``platformdirs`` defines it (``$XDG_CACHE_HOME/interp-claims``, else
+    ``~/.cache/interp-claims`` on Linux; ``~/Library/Caches/interp-claims`` on macOS;
+    ``%LOCALAPPDATA%\\interp-claims\\Cache`` on Windows). Read at call time, so the
+    environment of the run decides."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
 
 
 # --- keys ----------------------------------------------------------------------------------
@@ -180,7 +192,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 class ContentCache:
-    """Entries under an explicit ``root`` (the plugin passes ``--cache-dir``); no default."""
+    """Entries under an explicit ``root`` (the plugin passes ``--cache-dir``, else
+    :func:`default_cache_dir`); no default here."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)

@@ -4,7 +4,9 @@
 :meth:`~ClaimEvidence.judge` applies the registry's decision and raises
 :class:`ClaimRefuted` / :class:`ClaimInconclusive`, which the plugin maps to verdicts.
 :class:`EvidenceWriter` rewrites ``evidence.json`` and ``evidence.md`` atomically after every
-claim, so a crash keeps everything already measured.
+claim, so a crash keeps everything already measured. At the end of the session the plugin adds
+the wall-time breakdown (``timings``: :class:`harness.stages.Timings` as a dict; null until
+then, so a crashed run's report has none).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from typing import Any
 from harness.registry import Claim
 from harness.stats import Estimate, decide
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
+"""1.1: top-level ``timings`` (additive; a 1.0 reader ignores it)."""
 IMAGE_SUFFIXES = (".png", ".svg", ".jpg", ".jpeg", ".gif")
 """Listed files the Markdown embeds as images; any other attachment is rendered as a link."""
 
@@ -229,6 +232,25 @@ def sae_rows(records: list[dict]) -> list[list[str]]:
     return list(seen.values())
 
 
+TIMING_HEADER = ["stage", "seconds", "share"]
+
+
+def timing_rows(timings: dict) -> list[list[str]]:
+    """One row per stage or claim family of a ``timings`` dict (see harness.stages.Timings)."""
+    return [[r["name"], f"{r['seconds']:.1f}", f"{100 * r['share']:.1f}%"] for r in timings["rows"]]
+
+
+def timing_total(timings: dict) -> str:
+    """The line under the timing table: session wall time, install, and how to read shares."""
+    line = f"session wall time {timings['wall_seconds']:.1f} s"
+    if timings.get("install_seconds") is not None:
+        line += f" (+ install {timings['install_seconds']:.1f} s)"
+    if timings.get("workers", 1) > 1:
+        line += (f"; stages and families summed over {timings['workers']} xdist workers "
+                 "(worker-seconds, can exceed the wall time)")
+    return line + "; shares are of the rows' sum"
+
+
 def render_markdown(doc: dict) -> str:
     prov = doc["provenance"]
     subj = prov.get("subject") or {}
@@ -246,6 +268,12 @@ def render_markdown(doc: dict) -> str:
     saes = sae_rows(doc["claims"])
     if saes:
         out += ["## SAEs the claims ran on", "", markdown_table(SAE_HEADER, saes), ""]
+    timings = doc.get("timings")
+    if timings:
+        out += ["## Wall time by stage", "", markdown_table(TIMING_HEADER, timing_rows(timings)), "",
+                timing_total(timings) + ". A family's seconds are its tests' setup + call + "
+                "teardown less the stages (model load, corpus, harvest, SAE build) that ran "
+                "inside them.", ""]
     for r in doc["claims"]:
         out += [f"## {r['id']}: {r.get('title', '')} ({r.get('verdict')})", "", f"Test: `{r.get('test')}`", ""]
         if r.get("statement"):
@@ -280,6 +308,7 @@ class EvidenceWriter:
         self.subject_id = subject_id
         self.provenance = provenance
         self.records: list[dict] = []
+        self.timings: dict | None = None
 
     @property
     def json_path(self) -> Path:
@@ -296,12 +325,18 @@ class EvidenceWriter:
         self.records.append(record)
         self.flush()
 
+    def set_timings(self, timings: dict) -> None:
+        """Record the session's wall-time breakdown (``Timings.to_dict()``) and rewrite."""
+        self.timings = timings
+        self.flush()
+
     def document(self) -> dict:
         return {
             "schema_version": SCHEMA_VERSION,
             "subject_id": self.subject_id,
             "provenance": self.provenance,
             "claims": self.records,
+            "timings": self.timings,
         }
 
     def flush(self) -> None:

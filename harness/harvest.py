@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from harness.cache import ContentCache, progress
+from harness.cache import ContentCache
 from harness.capture import capture, check_hook_names
 from harness.corpus import Corpus, CorpusRecipe, build_corpus, tokenizer_hash
 from harness.topk import ActivationStats, StreamingTopK, TopKResult, TopKSpec
@@ -138,46 +138,110 @@ class ContextTopK:
         return TopKResult(self.values.clone(), self.context.clone(), self.position.clone(), self.n_seen)
 
 
-def _compute(model: Any, corpus: Corpus, spec: HarvestSpec) -> dict[str, HookHarvest]:
-    n_ctx, length = corpus.tokens.shape
-    widths = {}
-    probe = capture(model, corpus.tokens[:1].to(model.cfg.device), spec.hooks)
-    for h, a in probe.items():
-        widths[h] = a.shape[-1]
-    make = ContextTopK if spec.per_context else StreamingTopK
-    tops = {h: make(TopKSpec(spec.k, w)) for h, w in widths.items()}
-    stats = {h: ActivationStats(w, threshold=spec.threshold, quantiles=spec.quantiles)
-             for h, w in widths.items()} if spec.stats else {}
-    positions = torch.arange(length)
-    starts = range(0, n_ctx, spec.batch_size)
-    for start in progress(starts, desc=f"harvest {len(spec.hooks)} hooks", total=len(starts)):
-        tokens = corpus.tokens[start:start + spec.batch_size]  # (b, L)
-        b = tokens.shape[0]
-        acts = capture(model, tokens.to(model.cfg.device), spec.hooks)
+class Harvester:
+    """The streaming state of a harvest: fed batch by batch (by :func:`_compute` or by the
+    shared corpus pass, :func:`harness.corpus_pass.run_pass`), then :meth:`result`."""
+
+    def __init__(self, widths: dict[str, int], spec: HarvestSpec, context_len: int) -> None:
+        self.spec, self.hooks, self.length = spec, tuple(spec.hooks), context_len
+        make = ContextTopK if spec.per_context else StreamingTopK
+        self.tops = {h: make(TopKSpec(spec.k, widths[h])) for h in self.hooks}
+        self.stats = {h: ActivationStats(widths[h], threshold=spec.threshold,
+                                         quantiles=spec.quantiles)
+                      for h in self.hooks} if spec.stats else {}
+        self.widths = widths
+
+    @classmethod
+    def for_model(cls, model: Any, corpus: Corpus, spec: HarvestSpec) -> Harvester:
+        probe = capture(model, corpus.tokens[:1, :2].to(model.cfg.device), spec.hooks)
+        return cls({h: a.shape[-1] for h, a in probe.items()}, spec, corpus.tokens.shape[1])
+
+    def update(self, start: int, acts: dict[str, torch.Tensor]) -> None:
+        """``acts`` {hook: (b, L, n_units)} for contexts start .. start + b - 1."""
+        b, length = next(iter(acts.values())).shape[:2]
         ctx = torch.arange(start, start + b).repeat_interleave(length)  # (b*L,)
-        pos = positions.repeat(b)  # (b*L,)
-        mask = pos > 0 if spec.skip_bos else torch.ones_like(pos, dtype=torch.bool)
-        for h, a in acts.items():
+        pos = torch.arange(length).repeat(b)  # (b*L,)
+        mask = pos > 0 if self.spec.skip_bos else torch.ones_like(pos, dtype=torch.bool)
+        for h in self.hooks:
+            a = acts[h]
             flat = a.reshape(b * length, -1).float().cpu()  # (b*L, n_units)
-            if spec.per_context:
-                tops[h].update(a.float().cpu(), torch.arange(start, start + b), mask[:length])
+            if self.spec.per_context:
+                self.tops[h].update(a.float().cpu(), torch.arange(start, start + b), mask[:length])
             else:
-                tops[h].update(flat, ctx, pos, mask)
-            if spec.stats:
-                stats[h].update(flat, mask)
-    out = {}
-    for h in spec.hooks:
-        s = stats.get(h)
-        none = torch.empty(0)
-        out[h] = HookHarvest(
-            topk=tops[h].result(),
-            frequency=s.frequency().float() if s else none,
-            mean=s.mean().float() if s else none,
-            max=s.max().float() if s else none,
-            quantiles=torch.stack([s.quantile(q).float() for q in QUANTILES]) if s and spec.quantiles
-            else torch.empty(0, widths[h]),
+                self.tops[h].update(flat, ctx, pos, mask)
+            if self.spec.stats:
+                self.stats[h].update(flat, mask)
+
+    def result(self) -> dict[str, HookHarvest]:
+        out = {}
+        for h in self.hooks:
+            s = self.stats.get(h)
+            none = torch.empty(0)
+            out[h] = HookHarvest(
+                topk=self.tops[h].result(),
+                frequency=s.frequency().float() if s else none,
+                mean=s.mean().float() if s else none,
+                max=s.max().float() if s else none,
+                quantiles=torch.stack([s.quantile(q).float() for q in QUANTILES])
+                if s and self.spec.quantiles else torch.empty(0, self.widths[h]),
+            )
+        return out
+
+
+def _compute(model: Any, corpus: Corpus, spec: HarvestSpec) -> dict[str, HookHarvest]:
+    from harness.corpus_pass import run_pass
+
+    harvester = Harvester.for_model(model, corpus, spec)
+    run_pass(model, corpus.tokens, harvester=harvester, batch_size=spec.batch_size)
+    return harvester.result()
+
+
+def _parts(loaded: Any, corpus: Corpus, spec: HarvestSpec) -> dict[str, Any]:
+    model = loaded.model
+    return {"weights": loaded.weight_hash, "dtype": str(model.cfg.dtype),
+            "device": torch.device(model.cfg.device).type, "corpus": corpus.sha256, "spec": spec}
+
+
+def _to_entry(res: dict[str, HookHarvest], spec: HarvestSpec) -> tuple[dict, dict]:
+    tensors = {}
+    for i, h in enumerate(spec.hooks):
+        r = res[h]
+        tensors.update({f"{i}.values": r.topk.values, f"{i}.context": r.topk.context,
+                        f"{i}.position": r.topk.position, f"{i}.frequency": r.frequency,
+                        f"{i}.mean": r.mean, f"{i}.max": r.max, f"{i}.quantiles": r.quantiles})
+    n_seen = {h: res[h].topk.n_seen for h in spec.hooks}
+    return tensors, {"n_seen": n_seen, "hooks": list(spec.hooks)}
+
+
+def _from_entry(entry: Any, spec: HarvestSpec) -> dict[str, HookHarvest]:
+    t, n_seen = entry.tensors, entry.meta["n_seen"]
+    return {
+        h: HookHarvest(
+            topk=TopKResult(t[f"{i}.values"], t[f"{i}.context"], t[f"{i}.position"], n_seen[h]),
+            frequency=t[f"{i}.frequency"], mean=t[f"{i}.mean"], max=t[f"{i}.max"],
+            quantiles=t[f"{i}.quantiles"],
         )
-    return out
+        for i, h in enumerate(spec.hooks)
+    }
+
+
+def is_cached(cache: ContentCache, loaded: Any, corpus: Corpus, spec: HarvestSpec) -> bool:
+    """Whether :func:`harvest` would read ``spec`` from ``cache`` without a forward pass."""
+    from harness.cache import cache_key
+
+    return cache.get("harvest", cache_key("harvest", HARVEST_VERSION,
+                                          **_parts(loaded, corpus, spec))) is not None
+
+
+def store(cache: ContentCache, loaded: Any, corpus: Corpus, spec: HarvestSpec,
+          res: dict[str, HookHarvest], seconds: float) -> None:
+    """Put a harvest computed elsewhere (the shared corpus pass) under :func:`harvest`'s key."""
+    from harness.cache import cache_key
+
+    tensors, meta = _to_entry(res, spec)
+    parts = _parts(loaded, corpus, spec)
+    cache.put("harvest", cache_key("harvest", HARVEST_VERSION, **parts), tensors, meta,
+              version=HARVEST_VERSION, parts=parts, compute_seconds=seconds)
 
 
 def harvest(loaded: Any, corpus: Corpus, spec: HarvestSpec, cache: ContentCache | None) -> dict[str, HookHarvest]:
@@ -190,30 +254,15 @@ def harvest(loaded: Any, corpus: Corpus, spec: HarvestSpec, cache: ContentCache 
     check_hook_names(model, spec.hooks)
     if cache is None:
         return _compute(model, corpus, spec)
-    parts = {"weights": loaded.weight_hash, "dtype": str(model.cfg.dtype),
-             "device": torch.device(model.cfg.device).type, "corpus": corpus.sha256, "spec": spec}
 
     def compute():
-        res = _compute(model, corpus, spec)
-        tensors = {}
-        for i, h in enumerate(spec.hooks):
-            r = res[h]
-            tensors.update({f"{i}.values": r.topk.values, f"{i}.context": r.topk.context,
-                            f"{i}.position": r.topk.position, f"{i}.frequency": r.frequency,
-                            f"{i}.mean": r.mean, f"{i}.max": r.max, f"{i}.quantiles": r.quantiles})
-        n_seen = {h: res[h].topk.n_seen for h in spec.hooks}
-        return tensors, {"n_seen": n_seen, "hooks": list(spec.hooks)}
+        from harness.stages import HARVEST, stage
 
-    entry = cache.get_or_compute("harvest", HARVEST_VERSION, parts, compute)
-    t, n_seen = entry.tensors, entry.meta["n_seen"]
-    return {
-        h: HookHarvest(
-            topk=TopKResult(t[f"{i}.values"], t[f"{i}.context"], t[f"{i}.position"], n_seen[h]),
-            frequency=t[f"{i}.frequency"], mean=t[f"{i}.mean"], max=t[f"{i}.max"],
-            quantiles=t[f"{i}.quantiles"],
-        )
-        for i, h in enumerate(spec.hooks)
-    }
+        with stage(HARVEST):
+            return _to_entry(_compute(model, corpus, spec), spec)
+
+    entry = cache.get_or_compute("harvest", HARVEST_VERSION, _parts(loaded, corpus, spec), compute)
+    return _from_entry(entry, spec)
 
 
 def mlp_neurons_spec(n_layers: int, k: int = 20) -> HarvestSpec:

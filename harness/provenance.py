@@ -48,7 +48,16 @@ def run_provenance(root: Path, *, device: str, dtype: str, seed: int) -> dict:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "torch_threads": torch.get_num_threads(),
+        "math": _math_platform(),
         "device": device,
         "dtype": dtype,
         "seed": seed,
     }
+
+
+def _math_platform() -> dict:
+    """What the float math ran on (ATen ISA, MKL CNR branch, threads, CPU): see
+    :mod:`harness.determinism`."""
+    from harness.determinism import platform as math_platform
+
+    return math_platform()

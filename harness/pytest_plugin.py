@@ -3,24 +3,39 @@ verdicts, and the evidence report. Loaded from the root conftest.py only.
 
 State lives on ``config.stash`` and on reports (``report.user_properties``, which pytest-xdist
 serialises), never in module globals. Only the controlling process writes the report.
+
+Wall time: each process gets its own session recorder (harness.stages), charged by the fixtures
+here ("model load", "corpus", "SAE build") and by producers. Every test's teardown report
+carries its family's seconds (setup + call + teardown less the stage time that finished inside
+them) and those stage seconds; the controller sums them, with its own recorder, into the
+breakdown it prints and records under ``timings`` in the evidence.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from harness.determinism import pin
+
+pin()  # before any torch op: ATen's ISA level, MKL's CNR mode and the thread count (see module)
+
+from harness import stages
 from harness.corpus import CorpusError, CorpusRecipe
 from harness.evidence import (
     SUMMARY_HEADER,
+    TIMING_HEADER,
     ClaimEvidence,
     ClaimInconclusive,
     ClaimRefuted,
     EvidenceWriter,
     summary_rows,
+    timing_rows,
+    timing_total,
 )
 from harness.provenance import run_provenance
 from harness.registry import Registry, RegistryError
@@ -37,6 +52,7 @@ from harness.subjects import (
 )
 
 RECORD_KEY = "interp_claims_record"
+TIMING_KEY = "interp_claims_timing"
 MARKER_KWARGS = {"id"}
 
 
@@ -87,10 +103,17 @@ class RunState:
     user_texts: bool = False
     """``--texts`` was given: verdicts recorded on the project's texts do not apply."""
     store: SubjectStore = field(default_factory=SubjectStore)
+    recorder: stages.StageRecorder = field(default_factory=stages.StageRecorder)
+    """This process's session recorder (made current for the session by pytest_configure)."""
 
 
 STATE = pytest.StashKey[RunState]()
 EVIDENCE = pytest.StashKey[ClaimEvidence]()
+PREVIOUS_RECORDER = pytest.StashKey[stages.StageRecorder]()
+STAGES_BEFORE = pytest.StashKey[dict[str, float]]()
+"""An item's snapshot of the recorder's totals as its setup starts."""
+PHASE_SECONDS = pytest.StashKey[float]()
+"""An item's setup + call + teardown seconds so far."""
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -116,8 +139,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--cache-dir", default=None,
-        help="content-addressed cache of expensive intermediates (default .cache/interp-claims "
-        "under the project root)",
+        help="content-addressed cache of expensive intermediates (default: the user's cache "
+        "directory, $XDG_CACHE_HOME/interp-claims or ~/.cache/interp-claims on Linux)",
     )
     group.addoption("--corpus-contexts", type=int, default=CorpusRecipe.n_contexts,
                     help=f"background corpus size in contexts (default {CorpusRecipe.n_contexts})")
@@ -147,23 +170,34 @@ def pytest_configure(config: pytest.Config) -> None:
         texts = load_texts(_resolve(config, opt.texts) if opt.texts else None)
     except (RegistryError, SubjectError, CorpusError, TextsError) as exc:
         raise pytest.UsageError(str(exc)) from None
+    from harness.cache import default_cache_dir
+
     state = RunState(
         registry=registry,
         spec=spec,
         seed=opt.seed,
         evidence_dir=_resolve(config, opt.evidence_dir),
-        cache_dir=_resolve(config, opt.cache_dir) if opt.cache_dir
-        else config.rootpath / ".cache" / "interp-claims",
+        cache_dir=_resolve(config, opt.cache_dir) if opt.cache_dir else default_cache_dir(),
         corpus_recipe=recipe,
         texts=texts,
         user_texts=bool(opt.texts),
     )
     evidence_dir = state.evidence_dir
     config.stash[STATE] = state
+    config.stash[PREVIOUS_RECORDER] = stages.activate(state.recorder)
     if not _is_worker(config):
         prov = run_provenance(config.rootpath, device=opt.device, dtype=opt.dtype, seed=opt.seed)
         writer = EvidenceWriter(evidence_dir / spec.id, spec.id, prov)
-        config.pluginmanager.register(EvidenceReporter(writer), "interp-claims-evidence")
+        reporter = EvidenceReporter(writer, stages.StageTally(state.recorder),
+                                    install_seconds=stages.install_seconds_from_env())
+        config.pluginmanager.register(reporter, "interp-claims-evidence")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    previous = config.stash.get(PREVIOUS_RECORDER, None)
+    if previous is not None:  # an enclosing (pytester) session gets its recorder back
+        stages.activate(previous)
+        del config.stash[PREVIOUS_RECORDER]
 
 
 def _resolve(config: pytest.Config, path: str) -> Path:
@@ -228,7 +262,8 @@ def run_state(request: pytest.FixtureRequest) -> RunState:
 
 def _load(state: RunState, spec: SubjectSpec):
     try:
-        return state.store.get(spec)
+        with stages.stage(stages.MODEL_LOAD):
+            return state.store.get(spec)
     except SubjectUnavailable as exc:
         pytest.skip(f"unavailable: {exc}")
     except SubjectError as exc:
@@ -277,7 +312,8 @@ def corpus(run_state: RunState, subject, content_cache):
     """The background corpus tokenized for the session's subject, built once and cached."""
     from harness.harvest import cached_corpus
 
-    return cached_corpus(content_cache, subject.model.tokenizer, run_state.corpus_recipe)
+    with stages.stage(stages.CORPUS):
+        return cached_corpus(content_cache, subject.model.tokenizer, run_state.corpus_recipe)
 
 
 @pytest.fixture(scope="session")
@@ -288,7 +324,8 @@ def saes(subject, corpus, content_cache):
     from harness.sae_train import subject_saes
 
     try:
-        return subject_saes(content_cache, subject, corpus)
+        with stages.stage(stages.SAE_BUILD):
+            return subject_saes(content_cache, subject, corpus)
     except SubjectUnavailable as exc:
         pytest.skip(f"unavailable: {exc}")
 
@@ -372,10 +409,36 @@ def _verdict(item: pytest.Item, call: pytest.CallInfo, report: pytest.TestReport
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item):
+    state = item.config.stash.get(STATE, None)
+    if state is not None:  # before any fixture: stages its setup triggers count as its own
+        item.stash[STAGES_BEFORE] = state.recorder.totals()
+    return (yield)
+
+
+def _timing(item: pytest.Item, state: RunState, call: pytest.CallInfo) -> stages.TestTiming | None:
+    """Adds the phase's seconds; after teardown, the test's TestTiming (else None)."""
+    phases = item.stash.get(PHASE_SECONDS, 0.0) + call.duration
+    item.stash[PHASE_SECONDS] = phases
+    if call.when != "teardown":
+        return None
+    inside = state.recorder.since(item.stash.get(STAGES_BEFORE, state.recorder.totals()))
+    family = None
+    if item.get_closest_marker("claim") is not None:
+        family = state.registry[_claim_id(item, state.registry)].family
+    return stages.TestTiming.measure(stages.family_label(family), phases, inside)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
     state = item.config.stash.get(STATE, None)
-    if state is None or item.get_closest_marker("claim") is None:
+    if state is None:
+        return report
+    timing = _timing(item, state, call)
+    if timing is not None:
+        report.user_properties.append((TIMING_KEY, timing.to_dict()))
+    if item.get_closest_marker("claim") is None:
         return report
     if call.when == "call" or (call.when == "setup" and not report.passed):
         ev = item.stash.get(EVIDENCE, None)
@@ -397,24 +460,48 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     return report
 
 
-class EvidenceReporter:
-    """Controller-side: collects records from reports, rewrites the report, prints the table."""
+def _write_table(tr, header: list[str], rows: list[list[str]]) -> None:
+    rows = [header, *rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for row in rows:
+        tr.write_line("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
-    def __init__(self, writer: EvidenceWriter) -> None:
+
+class EvidenceReporter:
+    """Controller-side: collects records and timings from reports, rewrites the report, prints
+    the claims table and the wall-time breakdown."""
+
+    def __init__(self, writer: EvidenceWriter, tally: stages.StageTally,
+                 install_seconds: float | None = None) -> None:
         self.writer = writer
+        self.tally = tally
+        self.install_seconds = install_seconds
+        self.started = time.perf_counter()
+        self.timings: stages.Timings | None = None
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         for key, value in report.user_properties:
             if key == RECORD_KEY:
                 self.writer.add(value)
+            elif key == TIMING_KEY:
+                self.tally.add(stages.TestTiming.from_dict(value))
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if not self.tally.pids:
+            return  # no test ran
+        self.timings = self.tally.summary(time.perf_counter() - self.started,
+                                          self.install_seconds)
+        if self.writer.records:
+            self.writer.set_timings(self.timings.to_dict())
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
-        if not self.writer.records:
-            return
         tr = terminalreporter
-        tr.section(f"claims on {self.writer.subject_id}")
-        rows = [SUMMARY_HEADER, *summary_rows(self.writer.records)]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(SUMMARY_HEADER))]
-        for row in rows:
-            tr.write_line("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-        tr.write_line(f"evidence: {self.writer.json_path}  {self.writer.md_path}")
+        if self.writer.records:
+            tr.section(f"claims on {self.writer.subject_id}")
+            _write_table(tr, SUMMARY_HEADER, summary_rows(self.writer.records))
+            tr.write_line(f"evidence: {self.writer.json_path}  {self.writer.md_path}")
+        if self.timings is not None:
+            timings = self.timings.to_dict()
+            tr.section("wall time by stage")
+            _write_table(tr, TIMING_HEADER, timing_rows(timings))
+            tr.write_line(timing_total(timings))

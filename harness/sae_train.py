@@ -1,31 +1,28 @@
-"""Train SAEs on a subject's activations with sae-lens' own runners, deterministically.
+"""Train SAEs on a subject's activations with sae-lens' own trainer, from ONE corpus pass.
 
-sae-lens does the training (:class:`LanguageModelSAETrainingRunner` for one SAE,
-:class:`MultiSAETrainingRunner` for several SAEs fed by ONE forward pass); this module only
-builds their configs from a :class:`~harness.saes.SAESpec`, hands them the subject's model
-(``override_model``) and the corpus as a pretokenized ``datasets.Dataset`` (``override_dataset``,
-column ``input_ids``), and makes the run reproducible and side-effect free:
+The activations come from :func:`harness.corpus_pass.run_pass`, the same forward pass that
+computes family W's harvest when that is missing too, so no corpus token goes through the
+model twice in a run. sae-lens' ``SAETrainer`` does the training (its optimiser, lr schedule,
+TopK auxiliary loss, dead-feature tracking, input normalisation estimate and the final
+folding); this module only feeds it the stored activations in a seeded order and builds the
+config from a :class:`~harness.saes.SAESpec`:
 
-- sae-lens never reads its ``seed`` field (6.54: only the cache-activations runner uses it),
-  yet consumes the global torch RNG twice: the SAE's weight init and the mixing buffer's
-  ``torch.randperm``. Each SAE is therefore built by us under ``manual_seed(spec.seed)`` and
-  passed in (``override_sae(s)``), and the global RNG is reseeded to ``spec.seed`` just
-  before ``run()``, all inside ``torch.random.fork_rng`` so the caller's RNG is untouched.
-  Built this way, an SAE trained alone and the same SAE trained beside others in one pass
-  see the same init and the same shuffled stream (tested): the cache key of a trained SAE
-  does not depend on what it was trained with.
-- the runners install SIGINT/SIGTERM handlers and never remove them; they are restored.
+- Order: per epoch, one ``torch.randperm`` of all stored activation vectors under a generator
+  seeded by ``spec.seed`` (``randperm`` on the CPU is serial, hence the same bits on every
+  CPU; sae-lens' own mixing buffer also uses the global RNG).
+- Init: the SAE is built under ``manual_seed(spec.seed)`` inside ``torch.random.fork_rng``,
+  so the caller's RNG is untouched, and an SAE trained alone equals the same SAE trained
+  beside others from one pass (tested): its cache key names only its own spec.
+- Math: see :mod:`harness.determinism` (ATen's CPU capability and the thread count pinned,
+  MKL in strict CNR mode, deterministic algorithms while training); the platform the bits
+  were made on goes into each cache entry and the evidence.
 - wandb, checkpoints and output directories are off: the cache is the only store.
 """
 
 from __future__ import annotations
 
-import signal
-import threading
 import time
-import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,27 +34,24 @@ if TYPE_CHECKING:  # pragma: no cover
     from harness.corpus import Corpus
     from harness.loaders import LoadedSubject
 
-VERSION = "1"
+VERSION = "2"  # 2: trained from the shared corpus pass by SAETrainer (1: sae-lens' runners)
 PRODUCER = "sae"
 
-RUNNER_FIELDS = (
-    "training_tokens", "lr", "lr_decay_fraction", "train_batch_size_tokens", "context_size",
-    "n_batches_in_buffer", "store_batch_size_prompts", "n_batches_for_norm_estimate",
-    "dead_feature_window", "seed", "dtype", "holdout_contexts", "exclude_bos",
-)
-"""SAESpec fields the runner (not the SAE) owns: SAEs trained in one pass must agree on them."""
+PASS_FIELDS = ("context_size", "exclude_bos", "holdout_contexts")
+"""SAESpec fields that decide which activations an SAE trains on: SAEs fed by one corpus pass
+must agree on them (everything else, seed and lr included, may differ)."""
 
 
-def training_tokens_of(corpus: Corpus, spec: SAESpec) -> torch.Tensor:
-    """The contexts an SAE may train on: all but the last ``spec.holdout_contexts``."""
+def training_contexts_of(corpus: Corpus, spec: SAESpec) -> int:
+    """How many corpus contexts an SAE may train on: all but the last ``holdout_contexts``."""
     n = corpus.tokens.shape[0] - spec.holdout_contexts
-    if n < spec.store_batch_size_prompts:
+    if n < 1:
         raise ValueError(f"corpus has {corpus.tokens.shape[0]} contexts: too few to hold out "
-                         f"{spec.holdout_contexts} and still fill one store batch")
+                         f"{spec.holdout_contexts} and still train")
     if corpus.tokens.shape[1] < spec.context_size:
         raise ValueError(f"spec.context_size {spec.context_size} exceeds the corpus contexts "
                          f"({corpus.tokens.shape[1]} tokens)")
-    return corpus.tokens[:n, : spec.context_size]  # (n_train, context_size)
+    return n
 
 
 def heldout_tokens_of(corpus: Corpus, spec: SAESpec) -> torch.Tensor:
@@ -67,15 +61,10 @@ def heldout_tokens_of(corpus: Corpus, spec: SAESpec) -> torch.Tensor:
 
 def hook_width(model: Any, hook_name: str) -> int:
     """Width of the activation at ``hook_name`` (one 2-token forward up to its block)."""
-    from harness.capture import check_hook_names, last_layer_needed
+    from harness.capture import capture
 
-    check_hook_names(model, [hook_name])
     tokens = torch.zeros(1, 2, dtype=torch.long, device=model.cfg.device)
-    with torch.no_grad():
-        _, cache = model.run_with_cache(
-            tokens, names_filter=[hook_name], stop_at_layer=last_layer_needed(model, [hook_name])
-        )
-    return int(cache[hook_name].shape[-1])
+    return int(capture(model, tokens, [hook_name])[hook_name].shape[-1])
 
 
 def training_sae_config(spec: SAESpec, d_in: int, device: str) -> Any:
@@ -95,42 +84,22 @@ def training_sae_config(spec: SAESpec, d_in: int, device: str) -> Any:
     return StandardTrainingSAEConfig(l1_coefficient=spec.l1_coefficient, **common)
 
 
-def runner_kwargs(spec: SAESpec, loaded: LoadedSubject, corpus: Corpus) -> dict[str, Any]:
-    """Fields shared by both sae-lens runner configs."""
+def trainer_config(spec: SAESpec, device: str) -> Any:
+    """sae-lens' SAETrainerConfig: linear decay over the last ``lr_decay_fraction`` of the
+    steps (to lr / 10, sae-lens' default end), no warm-up, no checkpoints, no wandb."""
     from sae_lens import LoggingConfig
+    from sae_lens.config import SAETrainerConfig
 
     steps = spec.training_tokens // spec.train_batch_size_tokens
-    bos = int(corpus.tokens[0, 0])  # every corpus context starts with BOS
-    return dict(
-        model_name=loaded.spec.id,
-        dataset_path=f"interp-claims-corpus@{corpus.sha256[:16]}",  # metadata only
-        streaming=False,
-        context_size=spec.context_size,
-        n_batches_in_buffer=spec.n_batches_in_buffer,
-        training_tokens=spec.training_tokens,
-        store_batch_size_prompts=spec.store_batch_size_prompts,
-        device=str(loaded.model.cfg.device),
-        seed=spec.seed,
-        dtype=spec.dtype,
-        prepend_bos=True,  # the corpus contexts already start with BOS; recorded in metadata
-        train_batch_size_tokens=spec.train_batch_size_tokens,
-        lr=spec.lr,
-        lr_decay_steps=int(spec.lr_decay_fraction * steps),
-        dead_feature_window=spec.dead_feature_window,
+    return SAETrainerConfig(
+        total_training_samples=spec.training_tokens,
+        train_batch_size_samples=spec.train_batch_size_tokens,
+        lr=spec.lr, lr_end=spec.lr / 10, lr_decay_steps=int(spec.lr_decay_fraction * steps),
+        device=device, dead_feature_window=spec.dead_feature_window,
         n_batches_for_norm_estimate=spec.n_batches_for_norm_estimate,
-        logger=LoggingConfig(log_to_wandb=False),
-        checkpoint_path=None,
-        output_path=None,
-        model_from_pretrained_kwargs={},  # default {"center_writing_weights": False} warns on every SAE load
-        exclude_special_tokens=[bos] if spec.exclude_bos else False,
+        logger=LoggingConfig(log_to_wandb=False), n_checkpoints=0, checkpoint_path=None,
+        save_final_checkpoint=False,
     )
-
-
-def corpus_dataset(tokens: torch.Tensor) -> Any:
-    """A pretokenized ``datasets.Dataset`` (column ``input_ids``) the activation store reads."""
-    from datasets import Dataset
-
-    return Dataset.from_dict({"input_ids": tokens.tolist()})
 
 
 def new_training_sae(spec: SAESpec, d_in: int, device: str) -> Any:
@@ -149,86 +118,83 @@ def _rng_devices(device: str) -> list[int]:
     return [dev.index or 0] if dev.type == "cuda" else []
 
 
-@contextmanager
-def _isolated_run(seed: int, device: str) -> Iterator[None]:
-    """Seed the global RNG for the run, restore it and the signal handlers afterwards."""
-    in_main = threading.current_thread() is threading.main_thread()
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
-    with torch.random.fork_rng(devices=_rng_devices(device)), warnings.catch_warnings():
-        # sae-lens compares the number of dataset ROWS with training TOKENS and always warns.
-        warnings.filterwarnings("ignore", message="The training dataset contains fewer samples")
-        # sae-lens re-wraps the dataset's torch rows with torch.tensor(row).
-        warnings.filterwarnings("ignore", message="To copy construct from a tensor")
-        torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
+def activation_batches(acts: torch.Tensor, batch: int, seed: int, device: str) -> Iterator[torch.Tensor]:
+    """Endless (batch, d) batches of ``acts`` rows: one seeded permutation per epoch; a
+    batch never straddles two epochs (the remainder of an epoch is dropped)."""
+    n = acts.shape[0]
+    if n < batch:
+        raise ValueError(f"{n} activation vectors cannot fill one batch of {batch}")
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(n, generator=gen)
+        for i in range(0, n - batch + 1, batch):
+            yield acts[order[i:i + batch]].to(device)
+
+
+def sae_metadata(spec: SAESpec, loaded: LoadedSubject, corpus: Corpus) -> dict[str, Any]:
+    """What sae-lens' runners write into a trained SAE's metadata, for our data."""
+    bos = int(corpus.tokens[0, 0])  # every corpus context starts with BOS
+    return dict(hook_name=spec.hook_name, model_name=loaded.spec.id,
+                dataset_path=f"interp-claims-corpus@{corpus.sha256[:16]}",
+                context_size=spec.context_size, prepend_bos=True,
+                exclude_special_tokens=[bos] if spec.exclude_bos else False)
+
+
+def train_from_activations(acts: torch.Tensor, spec: SAESpec, device: str,
+                           metadata: dict[str, Any] | None = None) -> tuple[Any, float]:
+    """(trained TrainingSAE, seconds) through sae-lens' ``SAETrainer`` on ``acts`` (n, d_in);
+    ``metadata`` (default: the hook name only) is written into the SAE's config."""
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    from harness.determinism import deterministic
+
+    sae = new_training_sae(spec, acts.shape[-1], device)
+    data = activation_batches(acts, spec.train_batch_size_tokens, spec.seed, device)
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=_rng_devices(device)), deterministic():
+        torch.manual_seed(spec.seed)
+        trained = SAETrainer(cfg=trainer_config(spec, device), sae=sae, data_provider=data).fit()
+    for name, value in (metadata or {"hook_name": spec.hook_name}).items():
+        setattr(trained.cfg.metadata, name, value)
+    return trained.eval(), time.perf_counter() - start
 
 
 def check_compatible(specs: Sequence[SAESpec]) -> None:
-    """SAEs trained in one pass share the runner: their runner-level fields must agree."""
-    for name in RUNNER_FIELDS:
+    """SAEs fed by one corpus pass must agree on what they train on (PASS_FIELDS)."""
+    for name in PASS_FIELDS:
         values = {getattr(s, name) for s in specs}
         if len(values) > 1:
-            raise ValueError(f"SAE specs trained together must agree on {name}; got {sorted(values)}")
+            raise ValueError(f"SAE specs trained from one pass must agree on {name}; got {sorted(values)}")
     if len(set(specs)) != len(specs):
         raise ValueError("the same spec twice in one joint pass")
 
 
-def train_one(loaded: LoadedSubject, corpus: Corpus, spec: SAESpec) -> tuple[Any, float]:
-    """(trained TrainingSAE, seconds) through ``LanguageModelSAETrainingRunner``."""
-    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
-
-    kwargs = runner_kwargs(spec, loaded, corpus)
-    d_in = hook_width(loaded.model, spec.hook_name)
-    sae = new_training_sae(spec, d_in, kwargs["device"])
-    cfg = LanguageModelSAERunnerConfig(
-        sae=sae.cfg, hook_name=spec.hook_name, is_dataset_tokenized=True, verbose=False, **kwargs
-    )
-    start = time.perf_counter()
-    with _isolated_run(spec.seed, kwargs["device"]):
-        runner = LanguageModelSAETrainingRunner(
-            cfg,
-            override_dataset=corpus_dataset(training_tokens_of(corpus, spec)),
-            override_model=loaded.model,
-            override_sae=sae,
-        )
-        trained = runner.run()
-    return trained.eval(), time.perf_counter() - start
-
-
-def train_many(
-    loaded: LoadedSubject, corpus: Corpus, specs: Sequence[SAESpec]
-) -> tuple[list[Any], float]:
-    """([trained TrainingSAE per spec], seconds) through ``MultiSAETrainingRunner``: each
-    model forward (stopping after the deepest hook's block) feeds every SAE; several SAEs
-    may read the same hook."""
-    from sae_lens import MultiSAETrainingRunner, MultiSAETrainingRunnerConfig
+def collect_activations(loaded: LoadedSubject, corpus: Corpus, specs: Sequence[SAESpec],
+                        harvester: Any | None = None) -> dict[str, torch.Tensor]:
+    """The training activations of ``specs`` (one corpus pass; ``harvester`` fed by the same
+    pass when given): {hook: (n_tokens, d_in)}."""
+    from harness.corpus_pass import run_pass, union_request
 
     check_compatible(specs)
-    first = specs[0]
-    kwargs = runner_kwargs(first, loaded, corpus)
-    saes = {
-        f"sae{i}": new_training_sae(s, hook_width(loaded.model, s.hook_name), kwargs["device"])
-        for i, s in enumerate(specs)
-    }
-    cfg = MultiSAETrainingRunnerConfig(
-        saes={name: sae.cfg for name, sae in saes.items()},
-        hook_names={f"sae{i}": s.hook_name for i, s in enumerate(specs)},
-        **kwargs,
-    )
-    start = time.perf_counter()
-    with _isolated_run(first.seed, kwargs["device"]):
-        runner = MultiSAETrainingRunner(
-            cfg,
-            override_dataset=corpus_dataset(training_tokens_of(corpus, first)),
-            override_model=loaded.model,
-            override_saes=saes,
-        )
-        trained = runner.run()
-    return [trained[f"sae{i}"].eval() for i in range(len(specs))], time.perf_counter() - start
+    request = union_request(specs, training_contexts_of(corpus, specs[0]))
+    tokens = corpus.tokens if harvester is not None else corpus.tokens[: request.n_contexts]
+    return run_pass(loaded.model, tokens, harvester=harvester, request=request)
+
+
+def _spec_acts(acts: dict[str, torch.Tensor], spec: SAESpec) -> torch.Tensor:
+    """The rows ``spec`` trains on: its ``training_tokens`` first (all when fewer stored)."""
+    a = acts[spec.hook_name]
+    return a[: min(spec.training_tokens, a.shape[0])]
+
+
+def train_sae(loaded: LoadedSubject, corpus: Corpus, spec: SAESpec) -> tuple[Any, dict[str, float]]:
+    """(inference SAE, quality on the held-out contexts) for one spec; nothing cached."""
+    device = str(loaded.model.cfg.device)
+    acts = collect_activations(loaded, corpus, [spec])
+    trained, _ = train_from_activations(_spec_acts(acts, spec), spec, device,
+                                        sae_metadata(spec, loaded, corpus))
+    sae, _, _ = _inference(trained, device)
+    return sae, sae_quality(sae, loaded, heldout_tokens_of(corpus, spec))
 
 
 def to_inference(training_sae: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -244,63 +210,72 @@ def _inference(training_sae: Any, device: str) -> tuple[Any, dict[str, Any], dic
     return sae_from_state(cfg_dict, state, device), cfg_dict, state
 
 
-def train_sae(loaded: LoadedSubject, corpus: Corpus, spec: SAESpec) -> tuple[Any, dict[str, float]]:
-    """(inference SAE, quality on the held-out contexts) through sae-lens'
-    ``LanguageModelSAETrainingRunner``; nothing cached."""
-    trained, _ = train_one(loaded, corpus, spec)
-    sae, _, _ = _inference(trained, str(loaded.model.cfg.device))
-    return sae, sae_quality(sae, loaded, heldout_tokens_of(corpus, spec))
-
-
 def _parts(loaded: LoadedSubject, corpus: Corpus, spec: SAESpec) -> dict[str, Any]:
     return {"weights": loaded.weight_hash, "corpus": corpus.sha256, "spec": spec}
 
 
 def _entries(trained: Sequence[Any], loaded: LoadedSubject, corpus: Corpus,
-             specs: Sequence[SAESpec], seconds: float) -> list[tuple[dict, dict]]:
-    """(tensors, meta) cache entries for SAEs trained together; quality measured jointly."""
+             specs: Sequence[SAESpec], seconds: Sequence[float],
+             made_on: dict[str, Any]) -> list[tuple[dict, dict]]:
+    """(tensors, meta) cache entries for SAEs trained from one pass; quality measured jointly."""
     device = str(loaded.model.cfg.device)
     built = [_inference(t, device) for t in trained]
     qualities = sae_quality_many([b[0] for b in built], loaded, heldout_tokens_of(corpus, specs[0]))
     hooks = [s.hook_name for s in specs]
-    return [(state, {"sae_cfg": cfg_dict, "quality": q, "train_seconds": round(seconds, 1),
-                     "trained_with": hooks})
-            for (_, cfg_dict, state), q in zip(built, qualities, strict=True)]
+    return [(state, {"sae_cfg": cfg_dict, "quality": q, "train_seconds": round(sec, 1),
+                     "trained_with": hooks, "platform": made_on})
+            for (_, cfg_dict, state), q, sec in zip(built, qualities, seconds, strict=True)]
 
 
 def get_or_train_saes(
-    cache: ContentCache, loaded: LoadedSubject, corpus: Corpus, specs: Sequence[SAESpec]
+    cache: ContentCache, loaded: LoadedSubject, corpus: Corpus, specs: Sequence[SAESpec],
+    *, harvest_specs: Sequence[Any] = (),
 ) -> tuple[LoadedSAE, ...]:
-    """Cached SAEs for ``specs``, in order. The missing ones are trained TOGETHER: one shared
-    forward pass (stopping after the deepest hook's block) feeds all of them through
-    ``MultiSAETrainingRunner``, costing about what the deepest SAE would alone. Specs that
-    disagree on a runner-level field (RUNNER_FIELDS) go to separate passes. A lone missing
-    spec goes through ``LanguageModelSAETrainingRunner``; both give the same SAE (tested).
+    """Cached SAEs for ``specs``, in order. The missing ones are trained from ONE corpus pass
+    (:func:`harness.corpus_pass.run_pass`), which also computes every missing harvest of
+    ``harvest_specs`` (family W's), so the run's corpus tokens go through the model once.
 
-    The first entry of a group computes the whole group and writes the other entries before
-    its lock is released, so a concurrent process (pytest-xdist) waits, then reads them all.
+    The pass runs under the cache lock of the first missing SAE; it writes every other entry
+    it computes before the lock is released, so a concurrent process (pytest-xdist) waits,
+    then reads them all.
     """
+    from harness import harvest as hv
+    from harness.determinism import platform
+    from harness.stages import stage
+
     def key(s: SAESpec) -> str:
         return cache_key(PRODUCER, VERSION, **_parts(loaded, corpus, s))
 
-    groups: dict[tuple, list[SAESpec]] = {}
-    for s in dict.fromkeys(specs):  # unique, in order
-        if cache.get(PRODUCER, key(s)) is None:
-            groups.setdefault(tuple(getattr(s, f) for f in RUNNER_FIELDS), []).append(s)
-    for group in groups.values():
-        def compute(group: list[SAESpec] = group) -> tuple[dict, dict]:
-            if len(group) == 1:
-                one, seconds = train_one(loaded, corpus, group[0])
-                trained = [one]
-            else:
-                trained, seconds = train_many(loaded, corpus, group)
-            entries = _entries(trained, loaded, corpus, group, seconds)
-            for s, (tensors, meta) in zip(group[1:], entries[1:], strict=True):
+    missing = [s for s in dict.fromkeys(specs) if cache.get(PRODUCER, key(s)) is None]
+    if missing:
+        def compute() -> tuple[dict, dict]:
+            todo = [h for h in harvest_specs if not hv.is_cached(cache, loaded, corpus, h)]
+            with stage("corpus pass"):
+                start = time.perf_counter()
+                harvester = None
+                if len(todo) == 1:  # one harvester per pass (the default: family W's spec)
+                    harvester = hv.Harvester.for_model(loaded.model, corpus, todo[0])
+                acts = collect_activations(loaded, corpus, missing, harvester)
+                if harvester is not None:
+                    hv.store(cache, loaded, corpus, todo[0], harvester.result(),
+                             time.perf_counter() - start)
+            with stage("SAE training"):
+                trained = []
+                for s in missing:
+                    t, seconds = train_from_activations(_spec_acts(acts, s), s,
+                                                        str(loaded.model.cfg.device),
+                                                        sae_metadata(s, loaded, corpus))
+                    trained.append((t, seconds))
+                del acts
+            with stage("SAE quality"):
+                entries = _entries([t for t, _ in trained], loaded, corpus, missing,
+                                   [sec for _, sec in trained], platform())
+            for s, (tensors, meta), (_, sec) in zip(missing[1:], entries[1:], trained[1:], strict=True):
                 cache.put(PRODUCER, key(s), tensors, meta, version=VERSION,
-                          parts=_parts(loaded, corpus, s), compute_seconds=seconds)
+                          parts=_parts(loaded, corpus, s), compute_seconds=sec)
             return entries[0]
 
-        cache.get_or_compute(PRODUCER, VERSION, _parts(loaded, corpus, group[0]), compute)
+        cache.get_or_compute(PRODUCER, VERSION, _parts(loaded, corpus, missing[0]), compute)
     return tuple(_read(cache, loaded, corpus, s) for s in specs)
 
 
@@ -312,15 +287,21 @@ def get_or_train_sae(cache: ContentCache, loaded: LoadedSubject, corpus: Corpus,
 
 def _read(cache: ContentCache, loaded: LoadedSubject, corpus: Corpus, spec: SAESpec) -> LoadedSAE:
     def gone() -> tuple[dict, dict]:  # only if the entry was deleted between write and read
-        trained, seconds = train_one(loaded, corpus, spec)
-        return _entries([trained], loaded, corpus, [spec], seconds)[0]
+        from harness.determinism import platform
+
+        acts = collect_activations(loaded, corpus, [spec])
+        trained, sec = train_from_activations(_spec_acts(acts, spec), spec,
+                                              str(loaded.model.cfg.device),
+                                              sae_metadata(spec, loaded, corpus))
+        return _entries([trained], loaded, corpus, [spec], [sec], platform())[0]
 
     entry = cache.get_or_compute(PRODUCER, VERSION, _parts(loaded, corpus, spec), gone)
     sae = sae_from_state(entry.meta["sae_cfg"], entry.tensors, str(loaded.model.cfg.device))
     return LoadedSAE(
         sae=sae, spec=spec, quality=entry.meta["quality"], origin="trained-locally",
         source={"cache_key": entry.meta["key"], "train_seconds": entry.meta["train_seconds"],
-                "trained_with": entry.meta["trained_with"], "subject_weight_hash": loaded.weight_hash,
+                "trained_with": entry.meta["trained_with"],
+                "made_on": entry.meta.get("platform"), "subject_weight_hash": loaded.weight_hash,
                 "corpus_sha256": corpus.sha256},
     )
 
@@ -335,14 +316,17 @@ def subject_saes(cache: ContentCache, loaded: LoadedSubject, corpus: Corpus) -> 
     """The SAEs families S and R run on: the source's hub SAEs where they exist (gpt2-small:
     ``gpt2-small-res-jb`` at blocks 6/8/10/11; SubjectUnavailable offline), locally trained
     ones otherwise (:func:`harness.saes.default_sae_specs`); the MLP SAE is always trained."""
+    from harness.harvest import mlp_neurons_spec
     from harness.saes import default_sae_specs, load_hub_sae
 
     specs = default_sae_specs(loaded.model)
+    # family W's harvest rides on the same corpus pass (it reads every layer's mlp.hook_post)
+    w_harvest = (mlp_neurons_spec(loaded.model.cfg.n_layers),) if loaded.model.cfg.d_mlp else ()
     hub = HUB_SAES.get(loaded.spec.id)
     if hub is None:
-        return get_or_train_saes(cache, loaded, corpus, specs)
+        return get_or_train_saes(cache, loaded, corpus, specs, harvest_specs=w_harvest)
     release, ids = hub
     device = str(loaded.model.cfg.device)
     resid = tuple(load_hub_sae(release, i, device=device) for i in ids)
     mlp = [s for s in specs if not s.hook_name.endswith("hook_resid_pre")]
-    return resid + get_or_train_saes(cache, loaded, corpus, mlp)
+    return resid + get_or_train_saes(cache, loaded, corpus, mlp, harvest_specs=w_harvest)

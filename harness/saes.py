@@ -1,7 +1,7 @@
 """SAEs for the SAE claim families (S, R): trained locally, loaded from the hub, or diagnostic.
 
 No SAE exists for the offline subject, so :func:`harness.sae_train.get_or_train_saes` trains
-them with sae-lens' own runners as a cached build step keyed by the subject's weight hash, the
+them with sae-lens' own trainer (fed from ONE shared corpus pass) as a cached build step keyed by the subject's weight hash, the
 corpus hash and the :class:`SAESpec`. The sources' own SAEs (``gpt2-small-res-jb``)
 load through ``SAE.from_pretrained`` when the hub or the HF cache has them
 (:func:`load_hub_sae`). :func:`identity_sae` and :func:`random_decoder_sae` are known-answer
@@ -65,11 +65,6 @@ class SAESpec:
     """Activation vectors per Adam step."""
     context_size: int = 128
     """Tokens per context fed to the model (at most the corpus context length)."""
-    n_batches_in_buffer: int = 64
-    """Shuffle buffer of n_batches_in_buffer x context_size activations (sae-lens 6.x sizes the
-    buffer in contexts' worth of tokens, not in store batches)."""
-    store_batch_size_prompts: int = 8
-    """Contexts per model forward pass while harvesting activations."""
     n_batches_for_norm_estimate: int = 8
     """Training batches spent estimating the input scaling factor (not trained on)."""
     dead_feature_window: int = 64
@@ -80,7 +75,8 @@ class SAESpec:
     """Drop BOS-token activations from training: SmolLM2's attention-sink BOS residual has norm
     ~25,000 against 150-600 elsewhere and would dominate the MSE."""
     seed: int = 0
-    """Seeds the SAE initialisation and the shuffle of the activation stream."""
+    """Seeds the SAE initialisation and the order of the activation stream (a full
+    permutation of the stored training activations per epoch)."""
     dtype: str = "float32"
     """SAE parameter dtype."""
 
@@ -89,9 +85,6 @@ class SAESpec:
             raise ValueError(f"architecture must be 'standard' or 'topk', not {self.architecture!r}")
         if not 1 <= self.k <= self.d_sae:
             raise ValueError(f"need 1 <= k <= d_sae; got k={self.k}, d_sae={self.d_sae}")
-        if self.train_batch_size_tokens > self.n_batches_in_buffer * self.context_size:
-            raise ValueError("the shuffle buffer (n_batches_in_buffer x context_size) must hold "
-                             "at least one training batch")
         if self.training_tokens < self.train_batch_size_tokens or self.holdout_contexts < 1:
             raise ValueError("need training_tokens >= train_batch_size_tokens and holdout_contexts >= 1")
         if not 0 <= self.lr_decay_fraction < 1:

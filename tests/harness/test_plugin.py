@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.evidence import SCHEMA_VERSION
+
 pytest_plugins = ["pytester"]
 
 SUBJECT = "smollm2-135m"
@@ -128,7 +130,7 @@ def test_supported_claim_passes_and_writes_the_report(pytester: pytest.Pytester)
     _line_with(out, f"evidence: {ev / SUBJECT / 'evidence.json'}")
 
     doc = json.loads((ev / SUBJECT / "evidence.json").read_text())
-    assert doc["schema_version"] == "1.0" and doc["subject_id"] == SUBJECT
+    assert doc["schema_version"] == SCHEMA_VERSION and doc["subject_id"] == SUBJECT
     prov = doc["provenance"]
     assert {"commit", "dirty"} <= set(prov["git"])
     assert prov["packages"]["pytest"] == pytest.__version__
@@ -365,9 +367,11 @@ def tiny_shared_model(request):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from harness.pytest_plugin import STATE
+    from harness.stages import MODEL_LOAD, stage
 
-    model = HookedTransformer(HookedTransformerConfig(
-        n_layers=1, d_model=8, n_ctx=8, d_head=4, n_heads=2, d_vocab=10, act_fn="relu"))
+    with stage(MODEL_LOAD):  # charged on the worker, summed on the controller
+        model = HookedTransformer(HookedTransformerConfig(
+            n_layers=1, d_model=8, n_ctx=8, d_head=4, n_heads=2, d_vocab=10, act_fn="relu"))
     state = request.config.stash[STATE]
     key = dataclasses.replace(state.spec, name="tiny", kind="path", source="<memory>")
     state.store._loaded[key] = SimpleNamespace(model=model)
@@ -428,7 +432,8 @@ def test_xdist_hub_subject_and_hook_leaks(pytester: pytest.Pytester,
     - the controller alone writes the report, and it holds every claim test's record;
     - a claim needing the hub subject is skipped as unavailable, with the reason recorded;
     - a test leaving a hook on a shared model fails with "left hooks", and the hooks are
-      removed, so the next test sees a clean model.
+      removed, so the next test sees a clean model;
+    - the wall-time breakdown sums the workers' stages and families on the controller.
     """
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(pytester.path / "empty_hf_home"))
@@ -451,7 +456,7 @@ def test_xdist_hub_subject_and_hook_leaks(pytester: pytest.Pytester,
     controller = (pytester.path / "controller.pid").read_text()
     flushes = [line.split() for line in (pytester.path / "flushes.log").read_text().splitlines()]
     assert {pid for pid, _ in flushes} == {controller}
-    assert [int(n) for _, n in flushes] == [1, 2, 3, 4, 5]
+    assert [int(n) for _, n in flushes] == [1, 2, 3, 4, 5, 5]  # the last adds the timings
     _line_with(result.outlines, "claims on gpt2-small")
 
     # the hub subject is unavailable offline: skipped, with the reason in the report
@@ -468,6 +473,15 @@ def test_xdist_hub_subject_and_hook_leaks(pytester: pytest.Pytester,
         _line_with(out[header:header + 4],
                    f"test left hooks attached to the shared model: ['{module}']")
     _line_with(out, "PASSED", "test_the_model_is_clean_after_the_leaks")
+
+    # timings: summed over both workers on the controller, no "other" row
+    timings = json.loads((ev / "gpt2-small" / "evidence.json").read_text())["timings"]
+    assert timings["workers"] == 2
+    rows = {r["name"]: r["seconds"] for r in timings["rows"]}
+    assert set(rows) == {"model load", "family H", "family W", "harness tests"}
+    assert rows["model load"] > 0  # both the tiny model (worker) and the failed hub load
+    _line_with(out, "wall time by stage")
+    _line_with(out, "summed over 2 xdist workers")
 
 
 VARIANTS = """

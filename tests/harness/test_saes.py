@@ -36,8 +36,7 @@ N_CTX, CTX_LEN, BOS = 160, 16, 0
 
 def tiny_spec(hook: str, **kw) -> SAESpec:
     base = dict(hook_name=hook, d_sae=64, k=4, training_tokens=1536, lr=1e-2,
-                train_batch_size_tokens=32, context_size=CTX_LEN, n_batches_in_buffer=8,
-                store_batch_size_prompts=4, n_batches_for_norm_estimate=1,
+                train_batch_size_tokens=32, context_size=CTX_LEN, n_batches_for_norm_estimate=1,
                 dead_feature_window=4, holdout_contexts=8, seed=1)
     return SAESpec(**{**base, **kw})
 
@@ -140,39 +139,45 @@ def test_runner_trains_and_restores_global_state(subject, corpus, architecture):
         assert q["l0"] <= spec.k
 
 
-def test_runner_level_fields_must_agree_for_a_joint_pass():
-    specs = [tiny_spec("blocks.0.hook_resid_pre"), tiny_spec("blocks.1.mlp.hook_post", lr=1e-4)]
-    with pytest.raises(ValueError, match="must agree on lr"):
+def test_pass_level_fields_must_agree_for_a_joint_pass():
+    specs = [tiny_spec("blocks.0.hook_resid_pre"), tiny_spec("blocks.1.mlp.hook_post", holdout_contexts=4)]
+    with pytest.raises(ValueError, match="must agree on holdout_contexts"):
         sae_train.check_compatible(specs)
     with pytest.raises(ValueError, match="the same spec twice"):
         sae_train.check_compatible([specs[0], specs[0]])
 
 
 def test_cached_equals_fresh_and_is_not_retrained(subject, corpus, tmp_path, monkeypatch):
-    """The cached build trains both SAEs in ONE joint pass (MultiSAETrainingRunner, forward to
-    block 1); the shallow one equals, bit for bit, a fresh LanguageModelSAETrainingRunner run
-    (forward to block 0 only): the cache key need not name the co-trained SAEs."""
+    """The cached build trains both SAEs from ONE corpus pass (forward to block 1) that also
+    computes a harvest; the shallow SAE equals, bit for bit, a fresh one trained alone (forward
+    to block 0 only), so the cache key need not name the co-trained SAEs; the harvest equals
+    the harvest's own pass."""
+    from harness import corpus_pass
+    from harness.harvest import HarvestSpec, harvest
+
     specs = [tiny_spec("blocks.1.mlp.hook_post", d_sae=96), tiny_spec("blocks.0.hook_resid_pre")]
+    w = HarvestSpec(hooks=("blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"), k=3,
+                    per_context=True, stats=False)
     fresh, fresh_q = sae_train.train_sae(subject, corpus, specs[1])
-    calls = {"one": 0, "many": 0}
-    one, many = sae_train.train_one, sae_train.train_many
+    fresh_harvest = harvest(subject, corpus, w, None)
+    calls = {"pass": 0}
+    real = corpus_pass.run_pass
 
-    def count_one(*a, **k):
-        calls["one"] += 1
-        return one(*a, **k)
+    def counting(*a, **k):
+        calls["pass"] += 1
+        return real(*a, **k)
 
-    def count_many(*a, **k):
-        calls["many"] += 1
-        return many(*a, **k)
-
-    monkeypatch.setattr(sae_train, "train_one", count_one)
-    monkeypatch.setattr(sae_train, "train_many", count_many)
+    monkeypatch.setattr(corpus_pass, "run_pass", counting)
     cache = ContentCache(tmp_path)
-    first = sae_train.get_or_train_saes(cache, subject, corpus, specs)
-    assert calls == {"one": 0, "many": 1}
-    second = sae_train.get_or_train_saes(cache, subject, corpus, specs)
+    first = sae_train.get_or_train_saes(cache, subject, corpus, specs, harvest_specs=[w])
+    assert calls == {"pass": 1}
+    second = sae_train.get_or_train_saes(cache, subject, corpus, specs, harvest_specs=[w])
     single = sae_train.get_or_train_sae(cache, subject, corpus, specs[1])
-    assert calls == {"one": 0, "many": 1}
+    cached_harvest = harvest(subject, corpus, w, cache)
+    assert calls == {"pass": 1}  # nothing recomputed: SAEs and harvest come from the cache
+    for h in w.hooks:
+        assert torch.equal(cached_harvest[h].topk.values, fresh_harvest[h].topk.values)
+        assert torch.equal(cached_harvest[h].topk.context, fresh_harvest[h].topk.context)
     for loaded in (first[1], second[1], single):
         got = loaded.sae.state_dict()
         assert all(torch.equal(got[k], v) for k, v in fresh.state_dict().items())
@@ -181,6 +186,19 @@ def test_cached_equals_fresh_and_is_not_retrained(subject, corpus, tmp_path, mon
     assert prov["origin"] == "trained-locally" and prov["spec"]["hook_name"] == specs[1].hook_name
     assert prov["trained_with"] == [s.hook_name for s in specs]
     assert prov["weights_sha256"] == weights_hash(fresh)
+    assert prov["made_on"]["torch"]  # the platform the bits were made on
+
+
+def test_activation_batches_are_seeded_epochs():
+    acts = torch.arange(10.0)[:, None]
+    a = sae_train.activation_batches(acts, 4, seed=3, device="cpu")
+    b = sae_train.activation_batches(acts, 4, seed=3, device="cpu")
+    first = [next(a) for _ in range(4)]
+    assert all(torch.equal(x, next(b)) for x in first)
+    epoch = torch.cat(first[:2]).flatten()  # 2 batches of 4 per epoch, the remainder dropped
+    assert len(set(epoch.tolist())) == 8
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        next(sae_train.activation_batches(acts[:3], 4, seed=0, device="cpu"))
 
 
 def test_disk_format_round_trip(tmp_path):
@@ -255,7 +273,8 @@ def test_subject_saes_takes_the_sources_hub_saes_and_trains_only_the_rest(subjec
         asked.append((release, sae_id))
         return identity_sae(32, hook_name=sae_id)
 
-    def fake_train(cache, loaded, corpus, specs):
+    def fake_train(cache, loaded, corpus, specs, harvest_specs=()):
+        assert [h.hooks[-1] for h in harvest_specs] == ["blocks.1.mlp.hook_post"]  # W's harvest rides along
         trained.extend(specs)
         return ("trained",) * len(specs)
 

@@ -1,0 +1,132 @@
+"""harness.determinism: the pinned SAE training gives the same bits on every simulated machine,
+and without the pin the same machines disagree (so the test could fail)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import determinism
+from harness.determinism import (
+    PINNED_THREADS,
+    decode_cbwr,
+    deterministic,
+    platform,
+    portability,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+MACHINES = [(cap, threads) for cap in ("default", "avx2") for threads in ("1", "2")]
+
+
+def _child(capability: str, threads: str, *flags: str) -> dict:
+    """``python -m harness.determinism hash`` on a simulated machine: its ATen ISA level and
+    OpenMP thread count as the environment says, MKL CNR unset (MKL's own default: off)."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "OMP_NUM_THREADS": threads}
+    for var in ("MKL_CBWR", "MKL_NUM_THREADS", "ONEDNN_MAX_CPU_ISA"):
+        env.pop(var, None)
+    out = subprocess.run([sys.executable, "-m", "harness.determinism", "hash", *flags],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _has_avx2() -> str | None:
+    flags = determinism._cpu_flags()
+    if flags is None:
+        return "no /proc/cpuinfo: cannot tell whether the CPU has AVX2"
+    if not {"avx2", "fma"} <= flags:
+        return "CPU lacks AVX2/FMA: the pin cannot select ATen's AVX2 kernels here"
+    return None
+
+
+@pytest.mark.slow
+def test_pinned_training_is_bit_identical_across_simulated_machines() -> None:
+    if reason := _has_avx2():
+        pytest.skip(reason)
+    runs = [(m, ()) for m in MACHINES] + [((cap, "2"), ("--torch-first",))
+                                          for cap in ("default", "avx2")]
+    with ThreadPoolExecutor(max_workers=2) as pool:  # 6 children (~8 s of imports each), 2 cores
+        results = list(pool.map(lambda r: _child(*r[0], *r[1]), runs))
+    pinned = {m: res for (m, flags), res in zip(runs, results, strict=True) if not flags}
+    late = {m[0]: res for (m, flags), res in zip(runs, results, strict=True) if flags}
+
+    for machine, res in pinned.items():
+        plat = res["platform"]
+        assert plat["cpu_capability"] == "AVX2", (machine, plat)
+        assert plat["num_threads"] == PINNED_THREADS, (machine, plat)
+        if plat["mkl"]["names"] is not None:  # an MKL build: CNR took effect
+            assert "STRICT" in plat["mkl"]["names"], (machine, plat)
+        assert plat["pin_notes"] == [], (machine, plat)
+    hashes = {machine: res["hash"] for machine, res in pinned.items()}
+    assert len(set(hashes.values())) == 1, hashes
+
+    # The control: a pin after the first torch op cannot change the ISA level any more, and the
+    # two machines then disagree -- what the pin is for, and proof the hash can see it.
+    assert late["default"]["platform"]["cpu_capability"] == "DEFAULT"
+    assert any("an op ran before pin()" in n for n in late["default"]["platform"]["pin_notes"])
+    assert late["default"]["hash"] != late["avx2"]["hash"], late
+    assert late["avx2"]["hash"] == next(iter(hashes.values()))  # native AVX2 = the pinned bits
+
+
+def test_decode_cbwr() -> None:
+    assert decode_cbwr(0x10002) == ["AUTO", "STRICT"]
+    assert decode_cbwr(1) == ["BRANCH_OFF"]
+    assert decode_cbwr(3 | 0x10000) == ["COMPATIBLE", "STRICT"]
+    assert decode_cbwr(10) == ["AVX2"]
+    assert decode_cbwr(99) == ["BRANCH_99"]
+
+
+def test_portability_reasons() -> None:
+    ok, reason = portability("AVX2", PINNED_THREADS, ["AUTO", "STRICT"])
+    assert not ok
+    assert reason == ("MKL CNR branch AUTO: gemm kernels are chosen per CPU (the AVX2 branch is "
+                      "refused on AMD); bits identical across machines with the same CPU model, "
+                      "not across models; COMPATIBLE would cost 2.4x the forward")
+    ok, reason = portability("AVX2", PINNED_THREADS, ["COMPATIBLE", "STRICT"])
+    assert ok and "bits identical on any x86-64 CPU" in reason
+    assert portability("AVX2", PINNED_THREADS, ["AVX2", "STRICT"])[0]
+    ok, reason = portability("AVX2", PINNED_THREADS, ["AVX2"])
+    assert not ok and "without STRICT" in reason
+    ok, reason = portability("DEFAULT", 1, ["BRANCH_OFF"])
+    assert not ok
+    assert reason.count("; ") == 2
+    assert "ATen capability DEFAULT" in reason and "1 threads" in reason
+    assert "MKL CNR BRANCH_OFF" in reason
+    ok, reason = portability("AVX2", PINNED_THREADS, None, "no mkl_serv_cbwr_get")
+    assert not ok and "no MKL CNR control (no mkl_serv_cbwr_get)" in reason
+
+
+def test_platform_fields() -> None:
+    plat = platform()
+    json.dumps(plat)  # JSON-serialisable
+    assert plat["torch"] == torch.__version__
+    assert plat["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert plat["num_threads"] == torch.get_num_threads()
+    assert isinstance(plat["cpu_vendor"], str) and isinstance(plat["cpu_model"], str)
+    assert plat["avx2"] in (True, False, None) and plat["avx512"] in (True, False, None)
+    assert plat["deterministic_algorithms"] == torch.are_deterministic_algorithms_enabled()
+    mkl = plat["mkl"]
+    if mkl["cbwr"] is None:
+        assert mkl["reason"]
+    else:
+        assert mkl["names"] == decode_cbwr(mkl["cbwr"])
+    names = mkl["names"]
+    assert (plat["bit_portable"], plat["reason"]) == portability(
+        plat["cpu_capability"], plat["num_threads"], names, mkl["reason"])
+
+
+def test_deterministic_restores_the_flag() -> None:
+    before = torch.are_deterministic_algorithms_enabled()
+    with deterministic():
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert platform()["deterministic_algorithms"]
+    assert torch.are_deterministic_algorithms_enabled() == before
