@@ -72,3 +72,14 @@ def build(session: nox.Session, subject: str) -> None:
     """Build (or reuse) the subject's SAEs in the content cache, timed (fixtures build the same on first use)."""
     install(session)
     session.run("python", "-m", "harness.build", "saes", f"--subject={subject}", *session.posargs)
+
+
+@nox.session
+@nox.parametrize("subject", SAE_SUBJECTS[:2], ids=SAE_SUBJECTS[:2])
+def reseed(session: nox.Session, subject: str) -> None:
+    """SAE training-seed spread of every S/R verdict: SAEs for seeds 0 1 2 from one corpus
+    pass, families S and R once per seed, the spread into evidence/<subject>/reseed/spread.md
+    and fixtures/seed_spread.yaml (review it before committing). Other seeds: -- --seeds 0 1 2 3."""
+    install(session)
+    session.run("python", "-m", "harness.reseed", f"--subject={subject}", "--write-fixture",
+                *session.posargs)

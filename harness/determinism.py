@@ -12,7 +12,9 @@ Three libraries choose kernels per machine, and each choice changes float32 bits
   and memory alignment. ``MKL_CBWR`` is read once, when MKL initialises (the first GEMM or the
   first ``mkl_serv_cbwr_get``); after that ``mkl_serv_cbwr_set`` fails with -8.
 - **ATen's parallel reductions** split their work by the thread count, so the number of threads
-  changes the summation order: it is fixed too (STRICT CNR alone covers only MKL).
+  changes the summation order: it is fixed too (STRICT CNR alone covers only MKL). Measured
+  (torch 2.13, 1-4 threads, an (8192, 576) tensor): full reductions -- sum, mean, dot, prod,
+  mse_loss -- change bits; dim reductions, norm, var, rms_norm and cumsum do not.
 
 What is NOT pinned (``platform()`` says so in ``bit_portable``/``reason``): MKL's branch on AMD.
 MKL refuses its AVX2 branch on non-Intel CPUs (``mkl_serv_cbwr_set(AVX2|STRICT)`` returns -3)
@@ -22,8 +24,13 @@ Milan), over the suite's budget. So bits are identical across machines with the 
 (and, on Intel, across all AVX2-capable models), not across vendors. The torch/MKL build itself
 is, of course, part of what must match.
 
-Use: call :func:`pin` first thing in a process (before any torch op); the pytest plugin or
-the entry point does that. :func:`platform` records the outcome next to any result.
+Use: call :func:`pin` first thing in a process, before any torch op (the ``__main__`` entry
+does; calling it from harness.pytest_plugin is left to that module). :func:`platform` records
+the outcome next to any result; ``python -m harness.determinism hash`` prints both.
+
+Verified by tests/harness/test_determinism.py (four simulated machines give one hash; the
+controls show the hash does see the ISA level and the probe the thread count); the cost is in
+benchmarks/test_bench_determinism.py (pin: none measurable here; COMPATIBLE: ~3.3x per gemm).
 """
 
 from __future__ import annotations
@@ -40,21 +47,23 @@ from typing import Any
 
 PINNED_CAPABILITY = "avx2"
 """ATen ISA level. AVX2 (with FMA), not AVX-512: every x86-64 machine we may run on since
-~2015 has it (Haswell, Zen), AVX-512 machines can run it, and ATen's AVX-512 kernels are rarely
-faster for our shapes. Machines without AVX2 cannot reproduce the bits and are reported so."""
+~2015 has it (Haswell, Zen) and AVX-512 machines run it too; the reverse is impossible, so
+pinning AVX-512 would exclude this box. Machines without AVX2 cannot reproduce the bits and
+are reported so (pin() then leaves the capability to the machine)."""
 
 PINNED_THREADS = 2
 """Intra-op threads. Fixed because ATen's parallel reductions split work by thread count. Two:
-the smallest core count we run on (CI and this box); more threads would not change the bits
-of MKL (STRICT) but would of ATen, so a 16-core box also uses 2."""
+this box's core count, the smallest we run on; more threads would not change the bits of MKL
+(STRICT) but would of ATen, so a 16-core box also uses 2 (bits over speed)."""
 
 MKL_MODE = "AVX2,STRICT"
 """MKL CNR mode. STRICT: results independent of thread count and alignment (cheap). Branch
 AVX2 rather than AUTO: on Intel CPUs it fixes the GEMM kernels to the AVX2 ones whatever the
-model (AVX-512 machines included), so Intel machines agree with each other; on AMD MKL refuses
+model (AVX-512 machines included), so Intel machines agree with each other (Intel's CNR
+documentation; no Intel box measured here); on AMD MKL refuses
 the AVX2 branch and silently uses AUTO,STRICT -- exactly what asking for AUTO,STRICT gives, so
-asking for AVX2 costs nothing there. COMPATIBLE (the only vendor-independent branch) would cost
-2.4x the model forward. ``platform()`` reports the branch MKL actually took."""
+asking for AVX2 costs nothing there (measured: identical mode 0x10002). COMPATIBLE (the only
+vendor-independent branch) would cost 2.4x the model forward, ~3.3x a forward-sized gemm. ``platform()`` reports the branch MKL actually took."""
 
 _MKL_BRANCHES = {1: "BRANCH_OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 5: "SSE3", 6: "SSSE3",
                  7: "SSE4_1", 8: "SSE4_2", 9: "AVX", 10: "AVX2", 11: "AVX512_MIC",
@@ -136,8 +145,9 @@ def pin() -> None:
         os.environ["ATEN_CPU_CAPABILITY"] = PINNED_CAPABILITY
     capability_set = not notes
     os.environ["MKL_CBWR"] = MKL_MODE
-    # Also caps oneDNN's JIT ISA (read at its first use). Float32 matmuls go to MKL at the default
-    # "highest" matmul precision (set below); oneDNN serves only bf16/fp16 or lowered precision.
+    # oneDNN's JIT ISA cap (read at its first use). Float32 matmuls go to MKL at the "highest"
+    # matmul precision (set below); oneDNN serves convolutions and bf16/fp16/lowered-precision
+    # matmuls, which the suite does not run: the cap is free and narrows them if they appear.
     os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX2"
 
     import torch
@@ -225,6 +235,8 @@ def platform() -> dict[str, Any]:
         "num_threads": threads,
         "cpu_vendor": info.get("vendor_id") or _platform.machine(),
         "cpu_model": info.get("model name") or _platform.processor(),
+        # family/model/stepping: hypervisors often mask the model name ("AMD EPYC")
+        "cpu_id": "/".join(info.get(k, "?") for k in ("cpu family", "model", "stepping")),
         "avx2": None if flags is None else {"avx2", "fma"} <= flags,
         "avx512": None if flags is None else "avx512f" in flags,
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
@@ -302,6 +314,21 @@ def small_sae_hash(seed: int = 0, steps: int = 30) -> str:
         return state_hash(sae.state_dict())
 
 
+def reduction_probe(seed: int = 0) -> str:
+    """sha256 of full reductions (sum, mean, dot, prod) of a seeded (8192, 576) tensor.
+
+    The tiny SAE of :func:`small_sae_hash` never reduces enough elements for ATen to split the
+    work across threads (measured: its hash is the same at 1 and 2 threads); these 4.7M-element
+    reductions are split, and their bits change with the thread count (measured at 1-4 threads).
+    They give the thread-count pin something to prove."""
+    import torch
+
+    x = torch.randn(8192, 576, generator=torch.Generator().manual_seed(seed))
+    flat = x.flatten()
+    return state_hash({"sum": x.sum(), "mean": x.mean(), "dot": flat.dot(flat),
+                       "prod": (1 + x * 1e-4).prod()})
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m harness.determinism hash [--no-pin] [--torch-first] [--seed S] [--steps N]``"""
     import argparse
@@ -323,7 +350,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_pin:
         pin()
     digest = small_sae_hash(seed=args.seed, steps=args.steps)
-    print(json.dumps({"hash": digest, "platform": platform()}))
+    probe = reduction_probe(seed=args.seed)
+    print(json.dumps({"hash": digest, "probe": probe, "platform": platform()}))
 
 
 if __name__ == "__main__":

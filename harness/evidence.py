@@ -68,6 +68,12 @@ class ClaimEvidence:
     estimates: dict[str, Estimate] = field(default_factory=dict)
     """The recorded estimates as measured (``statistics`` holds their JSON-safe form, where a
     NaN is the string 'nan'); ``judge`` decides on these."""
+    seed_spread: Any = None
+    """The claim test's :class:`harness.seed_spread.SeedSpread` on this subject (SAE-based
+    claims, when measured): a verdict that differs between SAE training seeds is reported as
+    inconclusive (seed-unstable), whatever this run's seed gives."""
+    raw_verdict: str | None = None
+    """The verdict of this run's own interval, before the seed spread is applied."""
 
     def record(
         self,
@@ -128,12 +134,20 @@ class ClaimEvidence:
                 f"(recorded: {sorted(self.statistics)})"
             )
         est = self.estimates[d.statistic]
-        self.verdict = decide(est, d, self.dtype)
+        self.verdict = self.raw_verdict = decide(est, d, self.dtype)
         bound = list(d.bounds) if d.direction == "between" else d.threshold_for(self.dtype)
         message = (
             f"{self.claim.id} {self.verdict} on {self.subject_id}: {self.claim.statement!r} — "
             f"{d.statistic} = {est}, claim needs it {d.direction} {bound}"
         )
+        spread = self.seed_spread
+        if spread is not None:
+            self.note(f"Seed spread: {spread.describe()}; this run: {self.raw_verdict}.")
+            if not spread.stable:
+                self.verdict = "inconclusive"
+                message = (f"{self.claim.id} inconclusive (seed-unstable) on {self.subject_id}: "
+                           f"the verdict flips between SAE training seeds ({spread.describe()}); "
+                           f"this run alone: {self.raw_verdict}, {d.statistic} = {est}")
         if self.verdict == "refuted":
             raise ClaimRefuted(message)
         if self.verdict == "inconclusive":
@@ -155,6 +169,8 @@ class ClaimEvidence:
                 "statement": self.claim.statement,
                 "definition": self.claim.definition,
                 "verdict": self.verdict,
+                "raw_verdict": self.raw_verdict,
+                "seed_spread": None if self.seed_spread is None else self.seed_spread.to_dict(),
                 "statistics": self.statistics,
                 "notes": self.notes,
                 "figures": self.figures,

@@ -24,7 +24,7 @@ from harness.determinism import pin
 
 pin()  # before any torch op: ATen's ISA level, MKL's CNR mode and the thread count (see module)
 
-from harness import stages
+from harness import seed_spread, stages
 from harness.corpus import CorpusError, CorpusRecipe
 from harness.evidence import (
     SUMMARY_HEADER,
@@ -102,6 +102,10 @@ class RunState:
     texts: object  # harness.texts.TextSet, validated at start-up
     user_texts: bool = False
     """``--texts`` was given: verdicts recorded on the project's texts do not apply."""
+    sae_seed: int | None = None
+    """``--sae-seed``; None: seed 0 with the recorded seed spread applied."""
+    spreads: dict = field(default_factory=dict)
+    """harness.seed_spread.load(): {subject id: {claim key: SeedSpread}}."""
     store: SubjectStore = field(default_factory=SubjectStore)
     recorder: stages.StageRecorder = field(default_factory=stages.StageRecorder)
     """This process's session recorder (made current for the session by pytest_configure)."""
@@ -129,6 +133,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--dtype", default="float32", help="float32 (default), float64, bfloat16, float16"
     )
     group.addoption("--seed", type=int, default=0, help="session seed (default 0)")
+    group.addoption(
+        "--sae-seed", type=int, default=None,
+        help="train the subject's SAEs with this seed (default 0). Given explicitly, SAE-based "
+        "verdicts are this seed's alone: the recorded seed spread (fixtures/seed_spread.yaml) "
+        "is not applied (what `nox -s reseed` runs)",
+    )
     group.addoption(
         "--evidence-dir", default="evidence", help="report directory (default evidence/)"
     )
@@ -168,7 +178,8 @@ def pytest_configure(config: pytest.Config) -> None:
         recipe = CorpusRecipe(n_contexts=opt.corpus_contexts, context_len=opt.corpus_context_len,
                               seed=opt.seed)
         texts = load_texts(_resolve(config, opt.texts) if opt.texts else None)
-    except (RegistryError, SubjectError, CorpusError, TextsError) as exc:
+        spreads = seed_spread.load(config.rootpath / "fixtures" / "seed_spread.yaml")
+    except (RegistryError, SubjectError, CorpusError, TextsError, ValueError, KeyError) as exc:
         raise pytest.UsageError(str(exc)) from None
     from harness.cache import default_cache_dir
 
@@ -181,6 +192,8 @@ def pytest_configure(config: pytest.Config) -> None:
         corpus_recipe=recipe,
         texts=texts,
         user_texts=bool(opt.texts),
+        sae_seed=opt.sae_seed,
+        spreads=spreads,
     )
     evidence_dir = state.evidence_dir
     config.stash[STATE] = state
@@ -228,6 +241,15 @@ def _claim_id(item: pytest.Item, registry: Registry) -> str | None:
     return cid
 
 
+def _spread(item: pytest.Item, state: RunState, cid: str) -> seed_spread.SeedSpread | None:
+    """The recorded seed spread of an SAE-based claim test, when it applies to this run (the
+    project's texts, the default SAE seed)."""
+    if state.sae_seed is not None or state.user_texts or "saes" not in getattr(item, "fixturenames", ()):
+        return None
+    callspec = getattr(item, "callspec", None)
+    return seed_spread.lookup(state.spreads, state.spec.id, cid, callspec.id if callspec else None)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     state = config.stash[STATE]
     for item in items:
@@ -243,6 +265,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             continue  # expected verdicts were measured on the project's own texts
         callspec = getattr(item, "callspec", None)
         expected = state.registry[cid].expected_verdict(state.spec.id, callspec.id if callspec else None)
+        spread = _spread(item, state, cid)
+        if spread is not None and not spread.stable:
+            expected = "inconclusive"  # seed-unstable: see harness.seed_spread
         if expected in ("refuted", "inconclusive"):
             raises = ClaimRefuted if expected == "refuted" else ClaimInconclusive
             item.add_marker(
@@ -317,7 +342,7 @@ def corpus(run_state: RunState, subject, content_cache):
 
 
 @pytest.fixture(scope="session")
-def saes(subject, corpus, content_cache):
+def saes(request: pytest.FixtureRequest, subject, corpus, content_cache):
     """The subject's SAEs (harness.sae_train.subject_saes): four residual depths + one MLP,
     the source's hub SAEs where published, else trained once with sae-lens on the background
     corpus and cached. Read-only."""
@@ -325,7 +350,8 @@ def saes(subject, corpus, content_cache):
 
     try:
         with stages.stage(stages.SAE_BUILD):
-            return subject_saes(content_cache, subject, corpus)
+            return subject_saes(content_cache, subject, corpus,
+                                seed=request.config.stash[STATE].sae_seed or 0)
     except SubjectUnavailable as exc:
         pytest.skip(f"unavailable: {exc}")
 
@@ -359,6 +385,7 @@ def evidence(request: pytest.FixtureRequest, claim, run_state: RunState) -> Iter
             value = request.getfixturevalue(name)
             ev.inputs[name] = (value.provenance() if hasattr(value, "provenance")
                                else [v.provenance() for v in value])
+    ev.seed_spread = _spread(request.node, run_state, claim.id)
     request.node.stash[EVIDENCE] = ev
     yield ev
 

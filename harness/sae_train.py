@@ -312,14 +312,16 @@ HUB_SAES: dict[str, tuple[str, tuple[str, ...]]] = {
 """Subjects whose residual SAEs the sources published: subject id -> (sae-lens release, ids)."""
 
 
-def subject_saes(cache: ContentCache, loaded: LoadedSubject, corpus: Corpus) -> tuple[LoadedSAE, ...]:
+def subject_saes(cache: ContentCache, loaded: LoadedSubject, corpus: Corpus,
+                 seed: int = 0) -> tuple[LoadedSAE, ...]:
     """The SAEs families S and R run on: the source's hub SAEs where they exist (gpt2-small:
     ``gpt2-small-res-jb`` at blocks 6/8/10/11; SubjectUnavailable offline), locally trained
-    ones otherwise (:func:`harness.saes.default_sae_specs`); the MLP SAE is always trained."""
+    ones otherwise (:func:`harness.saes.default_sae_specs` with ``seed``); the MLP SAE is
+    always trained."""
     from harness.harvest import mlp_neurons_spec
     from harness.saes import default_sae_specs, load_hub_sae
 
-    specs = default_sae_specs(loaded.model)
+    specs = default_sae_specs(loaded.model, seed=seed)
     # family W's harvest rides on the same corpus pass (it reads every layer's mlp.hook_post)
     w_harvest = (mlp_neurons_spec(loaded.model.cfg.n_layers),) if loaded.model.cfg.d_mlp else ()
     hub = HUB_SAES.get(loaded.spec.id)

@@ -28,8 +28,13 @@ MACHINES = [(cap, threads) for cap in ("default", "avx2") for threads in ("1", "
 
 def _child(capability: str, threads: str, *flags: str) -> dict:
     """``python -m harness.determinism hash`` on a simulated machine: its ATen ISA level and
-    OpenMP thread count as the environment says, MKL CNR unset (MKL's own default: off)."""
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "OMP_NUM_THREADS": threads}
+    OpenMP thread count as the environment says, MKL CNR unset (MKL's own default: off).
+
+    OMP_WAIT_POLICY=PASSIVE changes no bits, only how idle OpenMP threads wait: two children
+    with two spinning threads each on 2 shared cores made the 30 tiny steps take 3 s, not 0.15 s.
+    """
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "OMP_NUM_THREADS": threads,
+           "OMP_WAIT_POLICY": "PASSIVE"}
     for var in ("MKL_CBWR", "MKL_NUM_THREADS", "ONEDNN_MAX_CPU_ISA"):
         env.pop(var, None)
     out = subprocess.run([sys.executable, "-m", "harness.determinism", "hash", *flags],
@@ -49,15 +54,22 @@ def _has_avx2() -> str | None:
 
 @pytest.mark.slow
 def test_pinned_training_is_bit_identical_across_simulated_machines() -> None:
+    """Four simulated machines (ATen ISA level x thread count), pinned: one SAE hash and one
+    reduction-probe hash. Controls, unpinned in effect: the ISA level changes the SAE hash, the
+    thread count changes the probe (the tiny SAE reduces too little to split across threads)."""
     if reason := _has_avx2():
         pytest.skip(reason)
-    runs = [(m, ()) for m in MACHINES] + [((cap, "2"), ("--torch-first",))
-                                          for cap in ("default", "avx2")]
-    with ThreadPoolExecutor(max_workers=2) as pool:  # 6 children (~8 s of imports each), 2 cores
+    runs = [(m, ()) for m in MACHINES] + [
+        (("default", "2"), ("--torch-first",)),  # the pin comes after the first op: too late
+        (("avx2", "2"), ("--torch-first",)),
+        (("avx2", "1"), ("--no-pin",)),
+    ]
+    with ThreadPoolExecutor(max_workers=2) as pool:  # 7 children (~7 s of imports each), 2 cores
         results = list(pool.map(lambda r: _child(*r[0], *r[1]), runs))
-    pinned = {m: res for (m, flags), res in zip(runs, results, strict=True) if not flags}
-    late = {m[0]: res for (m, flags), res in zip(runs, results, strict=True) if flags}
+    by_run = {(m, flags[0] if flags else "pin"): res
+              for (m, flags), res in zip(runs, results, strict=True)}
 
+    pinned = {m: by_run[m, "pin"] for m in MACHINES}
     for machine, res in pinned.items():
         plat = res["platform"]
         assert plat["cpu_capability"] == "AVX2", (machine, plat)
@@ -65,15 +77,23 @@ def test_pinned_training_is_bit_identical_across_simulated_machines() -> None:
         if plat["mkl"]["names"] is not None:  # an MKL build: CNR took effect
             assert "STRICT" in plat["mkl"]["names"], (machine, plat)
         assert plat["pin_notes"] == [], (machine, plat)
-    hashes = {machine: res["hash"] for machine, res in pinned.items()}
+    hashes = {m: (res["hash"], res["probe"]) for m, res in pinned.items()}
     assert len(set(hashes.values())) == 1, hashes
+    sae_hash, probe = next(iter(hashes.values()))
 
-    # The control: a pin after the first torch op cannot change the ISA level any more, and the
-    # two machines then disagree -- what the pin is for, and proof the hash can see it.
-    assert late["default"]["platform"]["cpu_capability"] == "DEFAULT"
-    assert any("an op ran before pin()" in n for n in late["default"]["platform"]["pin_notes"])
-    assert late["default"]["hash"] != late["avx2"]["hash"], late
-    assert late["avx2"]["hash"] == next(iter(hashes.values()))  # native AVX2 = the pinned bits
+    # Controls: the test can fail. An op before pin() fixes the ISA level for good...
+    late_default = by_run[("default", "2"), "--torch-first"]
+    late_avx2 = by_run[("avx2", "2"), "--torch-first"]
+    assert late_default["platform"]["cpu_capability"] == "DEFAULT"
+    assert any("an op ran before pin()" in n for n in late_default["platform"]["pin_notes"])
+    assert late_default["hash"] != late_avx2["hash"]
+    assert late_avx2["hash"] == sae_hash  # native AVX2 = the pinned bits (MKL CNR aside)
+    # ...and without the pin the thread count is the machine's, which changes the reductions.
+    one_thread = by_run[("avx2", "1"), "--no-pin"]
+    assert one_thread["platform"]["num_threads"] == 1
+    assert late_avx2["platform"]["num_threads"] == PINNED_THREADS
+    assert one_thread["probe"] != late_avx2["probe"]
+    assert late_avx2["probe"] == probe
 
 
 def test_decode_cbwr() -> None:

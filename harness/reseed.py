@@ -1,0 +1,157 @@
+"""Measure how far every SAE-based verdict moves across SAE training seeds.
+
+``python -m harness.reseed --subject smollm2-135m --seeds 0 1 2`` (``nox -s
+"reseed(smollm2-135m)"``):
+
+1. trains the subject's SAEs under every seed from ONE corpus pass (the stored activations
+   are shared; only the SAE init and the order of the activation stream change), into the
+   content cache the claim runs read;
+2. runs families S and R once per seed (``pytest claims -k "family-S or family-R"
+   --sae-seed K``), each with its own evidence directory ``<evidence-dir>/<subject>/reseed/
+   seed-K/``; a seed's run may fail (that is a measurement, not an error of this tool);
+3. writes the spread: per claim test, every seed's verdict (the run's own interval, before any
+   recorded spread is applied) and headline estimate, into ``<evidence-dir>/<subject>/reseed/
+   spread.md`` and (``--write-fixture``) ``fixtures/seed_spread.yaml``, which the plugin reads
+   (:mod:`harness.seed_spread`).
+
+R1 trains its own SAE on synthetic data (from the session seed), so it is not part of this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = "family-S or family-R"
+
+
+def build_all(subject: str, seeds: list[int], cache_dir: Path) -> float:
+    """Every seed's SAEs (and W's harvest) from one corpus pass; seconds."""
+    from harness.cache import ContentCache
+    from harness.corpus import CorpusRecipe
+    from harness.harvest import cached_corpus, mlp_neurons_spec
+    from harness.loaders import load_subject
+    from harness.sae_train import get_or_train_saes
+    from harness.saes import default_sae_specs
+    from harness.subjects import parse_subject
+
+    start = time.perf_counter()
+    loaded = load_subject(parse_subject(subject, device="cpu", dtype="float32", seed=0))
+    cache = ContentCache(cache_dir)
+    corpus = cached_corpus(cache, loaded.model.tokenizer, CorpusRecipe(seed=0))
+    specs = [s for k in seeds for s in default_sae_specs(loaded.model, seed=k)]
+    w = (mlp_neurons_spec(loaded.model.cfg.n_layers),) if loaded.model.cfg.d_mlp else ()
+    get_or_train_saes(cache, loaded, corpus, specs, harvest_specs=w)
+    return time.perf_counter() - start
+
+
+def run_seed(subject: str, seed: int, evidence_dir: Path, cache_dir: Path,
+             extra: list[str]) -> tuple[int, Path]:
+    out = evidence_dir / subject / "reseed" / f"seed-{seed}"
+    cmd = [sys.executable, "-m", "pytest", "claims", "-k", FAMILIES, f"--subject={subject}",
+           f"--sae-seed={seed}", f"--evidence-dir={out}", f"--cache-dir={cache_dir}",
+           "-p", "no:cacheprovider", "-q", *extra]
+    rc = subprocess.run(cmd, cwd=ROOT).returncode
+    return rc, out / subject / "evidence.json"
+
+
+def _key(record: dict) -> str:
+    test = record.get("test", "")
+    variant = test[test.index("[") + 1 : -1] if "[" in test else None
+    return f"{record['id']}[{variant}]" if variant else record["id"]
+
+
+def spreads_from(seed_docs: dict[int, dict], registry_path: Path) -> dict:
+    """{key: SeedSpread} from each seed's evidence.json (raw verdicts, headline estimates)."""
+    from harness.registry import Registry
+    from harness.seed_spread import SeedSpread
+
+    registry = Registry.load(registry_path)
+    today = datetime.date.today().isoformat()
+    by_key: dict[str, dict[int, tuple[str, float | None]]] = {}
+    stat_of: dict[str, str] = {}
+    for seed, doc in seed_docs.items():
+        for r in doc["claims"]:
+            if r["id"] == "R1" or r.get("verdict") in ("unavailable", "error", None):
+                continue
+            key = _key(r)
+            stat = registry[r["id"]].decision.statistic
+            est = (r.get("statistics", {}).get(stat) or {}).get("estimate", {}).get("value")
+            verdict = r.get("raw_verdict") or r["verdict"]
+            by_key.setdefault(key, {})[seed] = (verdict, None if est in (None, "nan") else float(est))
+            stat_of[key] = stat
+    out = {}
+    for key, per in by_key.items():
+        seeds = sorted(per)
+        out[key] = SeedSpread(key=key, statistic=stat_of[key], seeds=tuple(seeds),
+                              verdicts=tuple(per[s][0] for s in seeds),
+                              estimates=tuple(per[s][1] for s in seeds), measured=today)
+    return out
+
+
+def render(subject: str, spreads: dict, seconds: dict) -> str:
+    lines = [f"# SAE training-seed spread on {subject}", "",
+             "Per claim test: each seed's verdict (its own interval) and headline estimate. "
+             "A claim whose verdict differs between seeds is reported as inconclusive "
+             "(seed-unstable) by every run on this subject.", "",
+             "| claim | statistic | stable | verdicts by seed | estimates by seed | band |",
+             "|---|---|---|---|---|---|"]
+    for key, s in sorted(spreads.items()):
+        band = f"[{s.band[0]:.4g}, {s.band[1]:.4g}]" if s.band else "n/a"
+        ests = ", ".join("n/a" if e is None else f"{e:.4g}" for e in s.estimates)
+        verdicts = ", ".join(f"{k}: {v}" for k, v in zip(s.seeds, s.verdicts, strict=True))
+        lines.append(f"| {key} | {s.statistic} | {'yes' if s.stable else '**no**'} | "
+                     f"{verdicts} | {ests} | {band} |")
+    lines += ["", "Wall time (s): " + json.dumps(seconds)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.reseed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--subject", default="smollm2-135m")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--evidence-dir", type=Path, default=ROOT / "evidence")
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--write-fixture", action="store_true",
+                        help="also write the spread into fixtures/seed_spread.yaml")
+    args, extra = parser.parse_known_args(argv)
+    if len(set(args.seeds)) < 2:
+        parser.error("give at least two distinct --seeds")
+    from harness.determinism import pin
+
+    pin()
+    from harness.cache import default_cache_dir
+    from harness.seed_spread import DEFAULT_PATH, dump
+
+    cache_dir = args.cache_dir or default_cache_dir()
+    seconds = {"build": round(build_all(args.subject, args.seeds, cache_dir), 1)}
+    docs = {}
+    for k in args.seeds:
+        start = time.perf_counter()
+        rc, path = run_seed(args.subject, k, args.evidence_dir, cache_dir, extra)
+        seconds[f"seed {k}"] = round(time.perf_counter() - start, 1)
+        if not path.exists():
+            print(f"error: seed {k}: pytest exited {rc} without evidence at {path}", file=sys.stderr)
+            return 2
+        docs[k] = json.loads(path.read_text())
+    spreads = spreads_from(docs, ROOT / "fixtures" / "claims.yaml")
+    report = args.evidence_dir / args.subject / "reseed" / "spread.md"
+    report.write_text(render(args.subject, spreads, seconds), encoding="utf-8")
+    print(report.read_text())
+    if args.write_fixture:
+        dump(DEFAULT_PATH, args.subject, spreads,
+             "# SAE training-seed spread per subject and claim test, written by "
+             "`python -m harness.reseed --write-fixture` (nox -s reseed);\n# read by the "
+             "plugin (harness/seed_spread.py). Reviewed before commit like the registry.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

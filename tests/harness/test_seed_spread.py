@@ -1,0 +1,93 @@
+"""Seed spread: a verdict that flips between SAE training seeds is never a confident one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.evidence import ClaimEvidence, ClaimInconclusive
+from harness.registry import Claim, Decision
+from harness.reseed import render, spreads_from
+from harness.seed_spread import SeedSpread, dump, load, lookup
+from harness.stats import exact
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _spread(*verdicts: str, key: str = "S5[source-5.0]") -> SeedSpread:
+    return SeedSpread(key=key, statistic="r", seeds=tuple(range(len(verdicts))),
+                      verdicts=verdicts, estimates=tuple(0.1 * i for i in range(len(verdicts))))
+
+
+def _evidence(tmp_path: Path, spread: SeedSpread | None) -> ClaimEvidence:
+    claim = Claim(id="S5", family="S", title="t", source="s", statement="big", definition="d",
+                  decision=Decision(statistic="r", direction="above", threshold=0.5))
+    ev = ClaimEvidence(claim=claim, subject_id="smollm2-135m", dtype="float32",
+                       figure_dir=tmp_path)
+    ev.seed_spread = spread
+    return ev
+
+
+def test_stable_and_band():
+    s = _spread("supported", "supported", "supported")
+    assert s.stable and s.band == (0.0, pytest.approx(0.2))
+    assert not _spread("supported", "refuted").stable
+    with pytest.raises(ValueError, match="equally long"):
+        SeedSpread(key="x", statistic="r", seeds=(0,), verdicts=(), estimates=())
+
+
+def test_an_unstable_spread_turns_a_supported_reading_into_inconclusive(tmp_path):
+    ev = _evidence(tmp_path, _spread("supported", "refuted", "supported"))
+    ev.record("r", exact(0.9, 10))
+    with pytest.raises(ClaimInconclusive, match="seed-unstable"):
+        ev.judge()
+    assert (ev.verdict, ev.raw_verdict) == ("inconclusive", "supported")
+    record = ev.to_record()
+    assert record["seed_spread"]["stable"] is False and record["raw_verdict"] == "supported"
+
+
+def test_a_stable_spread_keeps_the_verdict_and_is_noted(tmp_path):
+    ev = _evidence(tmp_path, _spread("supported", "supported"))
+    ev.record("r", exact(0.9, 10))
+    assert ev.judge() == "supported"
+    assert any("across 2 SAE training seeds" in n for n in ev.notes)
+
+
+def test_dump_load_lookup_round_trip(tmp_path):
+    path = tmp_path / "spread.yaml"
+    dump(path, "a", {"S5[source-5.0]": _spread("supported", "refuted")}, "# header")
+    dump(path, "b", {"S1": _spread("refuted", "refuted", key="S1")}, "# header")
+    got = load(path)
+    assert set(got) == {"a", "b"}  # the second dump kept the first subject
+    assert lookup(got, "a", "S5", "source-5.0").verdicts == ("supported", "refuted")
+    assert lookup(got, "a", "S5", "scale-free") is None
+    assert lookup(got, "b", "S1", None).stable
+    assert load(tmp_path / "missing.yaml") == {}
+
+
+def test_spreads_from_per_seed_evidence_uses_the_raw_verdicts():
+    def doc(verdict, raw, value):
+        return {"claims": [
+            {"id": "S5", "test": "test_x[source-5.0]", "verdict": verdict, "raw_verdict": raw,
+             "statistics": {"median_outside_inside_ratio": {"estimate": {"value": value}}}},
+            {"id": "R1", "test": "test_r1", "verdict": "supported", "statistics": {}},
+        ]}
+
+    registry = ROOT / "fixtures" / "claims.yaml"
+    from harness.registry import Registry
+
+    stat = Registry.load(registry)["S5"].decision.statistic
+    docs = {0: doc("inconclusive", "inconclusive", 0.13), 1: doc("refuted", "refuted", 0.08)}
+    for d in docs.values():
+        d["claims"][0]["statistics"] = {stat: {"estimate": {"value": d["claims"][0]["statistics"].popitem()[1]["estimate"]["value"]}}}
+    spreads = spreads_from(docs, registry)
+    assert set(spreads) == {"S5[source-5.0]"}  # R1 (synthetic) is not an SAE-seed claim
+    s = spreads["S5[source-5.0]"]
+    assert s.verdicts == ("inconclusive", "refuted") and not s.stable
+    assert s.estimates == (0.13, 0.08)
+    assert "**no**" in render("smollm2-135m", spreads, {"build": 1.0})
+
+
+def test_the_committed_fixture_parses():
+    load(ROOT / "fixtures" / "seed_spread.yaml")
