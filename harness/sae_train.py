@@ -246,9 +246,12 @@ def get_or_train_saes(
     def key(s: SAESpec) -> str:
         return cache_key(PRODUCER, VERSION, **_parts(loaded, corpus, s))
 
-    missing = [s for s in dict.fromkeys(specs) if cache.get(PRODUCER, key(s)) is None]
-    if missing:
-        def compute() -> tuple[dict, dict]:
+    while True:  # a concurrent process may have written some (not all) of them meanwhile
+        missing = [s for s in dict.fromkeys(specs) if cache.get(PRODUCER, key(s)) is None]
+        if not missing:
+            break
+
+        def compute(missing: list[SAESpec] = missing) -> tuple[dict, dict]:
             todo = [h for h in harvest_specs if not hv.is_cached(cache, loaded, corpus, h)]
             with stage("corpus pass"):
                 start = time.perf_counter()
