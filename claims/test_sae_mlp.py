@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from harness.features import R_USAGE_CONTEXTS as USAGE_CONTEXTS  # built with the SAEs
+from harness.features import R_USAGE_TOP as N_TOP
 from harness.stats import Estimate
 
-USAGE_CONTEXTS = 512  # 512 x 127 = 65,024 tokens: ~21 firings per feature at the 2.1 % TopK mean
-N_TOP = 20  # selectivity from the 20 top-activating tokens (the W family's top-20 convention)
 R2_DEFINITIONS = ("fve", "fve_uncentered", "cosine", "ce_recovered")
 
 

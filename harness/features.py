@@ -306,12 +306,7 @@ def cached_feature_usage(
 
     if cache is None:
         return fresh()
-    model = loaded.model
-    parts = {"weights": loaded.weight_hash, "dtype": str(model.cfg.dtype),
-             "device": torch.device(model.cfg.device).type,
-             "sae_weights": weights_hash(sae), "sae_config": _sae_config(sae),
-             "tokens": hashlib.sha256(toks.cpu().numpy().tobytes()).hexdigest(),
-             "n_top": n_top, "n_random": n_random, "skip_bos": skip_bos, "seed": seed}
+    parts = _usage_parts(loaded, sae, toks, n_top, n_random, skip_bos, seed)
 
     def compute() -> tuple[dict[str, Tensor], dict[str, Any]]:
         usage = fresh()
@@ -319,6 +314,57 @@ def cached_feature_usage(
 
     entry = cache.get_or_compute("feature_usage", FEATURE_USAGE_VERSION, parts, compute)
     return FeatureUsage.from_tensors(entry.tensors, entry.meta)
+
+
+R_USAGE_CONTEXTS = 512
+"""Family R's usage window: the first 512 corpus contexts (512 x 127 = 65,024 tokens, ~21
+firings per feature at the 2.1 % TopK mean)."""
+R_USAGE_TOP = 20
+"""Selectivity from the 20 top-activating tokens (the W family's top-20 convention)."""
+
+
+def _usage_parts(loaded: Any, sae: Any, toks: Tensor, n_top: int, n_random: int,
+                 skip_bos: bool, seed: int) -> dict[str, Any]:
+    model = loaded.model
+    return {"weights": loaded.weight_hash, "dtype": str(model.cfg.dtype),
+            "device": torch.device(model.cfg.device).type,
+            "sae_weights": weights_hash(sae), "sae_config": _sae_config(sae),
+            "tokens": hashlib.sha256(toks.cpu().numpy().tobytes()).hexdigest(),
+            "n_top": n_top, "n_random": n_random, "skip_bos": skip_bos, "seed": seed}
+
+
+@torch.no_grad()
+def usage_from_activations(sae: Any, acts: Tensor, tokens: Tensor, *, n_top: int = 20,
+                           n_random: int = 20, seed: int = 0, batch_size: int = 8) -> FeatureUsage:
+    """:func:`sae_feature_usage` from activations already computed by the shared corpus pass
+    (:mod:`harness.corpus_pass`): ``acts`` (n_contexts x (ctx_len - 1), d_in) are the hook's
+    activations of ``tokens`` (n_contexts, ctx_len) with BOS dropped, context after context.
+    The BOS slot gets zero codes and is skipped as in :func:`sae_feature_usage`; equal to it
+    up to the float bits of a forward run at another batch size."""
+    _check_tokens(tokens)
+    n_ctx, length = tokens.shape
+    per = length - 1
+    if acts.shape[0] < n_ctx * per:
+        raise ValueError(f"{acts.shape[0]} activation rows cannot cover {n_ctx} contexts of {per}")
+    w = sae.W_enc
+    acc = FeatureUsageAccumulator(int(sae.cfg.d_sae), length, n_top=n_top, n_random=n_random,
+                                  skip_bos=True, seed=seed)
+    for start in range(0, n_ctx, batch_size):
+        b = min(batch_size, n_ctx - start)
+        a = acts[start * per:(start + b) * per].reshape(b, per, -1).to(w.device, w.dtype)
+        codes = sae.encode(a)  # (b, per, d_sae)
+        acc.update(torch.cat([torch.zeros_like(codes[:, :1]), codes], dim=1))
+    return acc.result(tokens, _hook_of(sae))
+
+
+def store_usage(cache: ContentCache, loaded: Any, sae: Any, tokens: Tensor, usage: FeatureUsage,
+                *, n_top: int = 20, n_random: int = 20, seed: int = 0) -> None:
+    """Put a usage computed from the shared pass under :func:`cached_feature_usage`'s key."""
+    from harness.cache import cache_key
+
+    parts = _usage_parts(loaded, sae, tokens, n_top, n_random, True, seed)
+    cache.put("feature_usage", cache_key("feature_usage", FEATURE_USAGE_VERSION, **parts),
+              usage.to_tensors(), usage.meta(), version=FEATURE_USAGE_VERSION, parts=parts)
 
 
 # --- concentration ---------------------------------------------------------------------------

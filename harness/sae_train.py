@@ -227,6 +227,26 @@ def _entries(trained: Sequence[Any], loaded: LoadedSubject, corpus: Corpus,
             for (_, cfg_dict, state), q, sec in zip(built, qualities, seconds, strict=True)]
 
 
+def _store_r_usage(cache: ContentCache, loaded: LoadedSubject, corpus: Corpus,
+                   specs: Sequence[SAESpec], entries: Sequence[tuple[dict, dict]],
+                   acts: dict[str, torch.Tensor]) -> None:
+    """Family R's feature usage of each MLP SAE (the first R_USAGE_CONTEXTS corpus contexts)
+    from the activations this pass already holds, under the key the R claims read: those
+    contexts need not go through the model again."""
+    from harness.features import R_USAGE_CONTEXTS, R_USAGE_TOP, store_usage, usage_from_activations
+
+    for spec, (state, meta) in zip(specs, entries, strict=True):
+        n = R_USAGE_CONTEXTS
+        if (not spec.hook_name.endswith("mlp.hook_post") or not spec.exclude_bos
+                or acts[spec.hook_name].shape[0] < n * (spec.context_size - 1)):
+            continue
+        sae = sae_from_state(meta["sae_cfg"], state, str(loaded.model.cfg.device))
+        tokens = corpus.tokens[:n, : spec.context_size]
+        usage = usage_from_activations(sae, acts[spec.hook_name], tokens, n_top=R_USAGE_TOP,
+                                       n_random=R_USAGE_TOP)
+        store_usage(cache, loaded, sae, tokens, usage, n_top=R_USAGE_TOP, n_random=R_USAGE_TOP)
+
+
 def get_or_train_saes(
     cache: ContentCache, loaded: LoadedSubject, corpus: Corpus, specs: Sequence[SAESpec],
     *, harvest_specs: Sequence[Any] = (),
@@ -269,10 +289,11 @@ def get_or_train_saes(
                                                         str(loaded.model.cfg.device),
                                                         sae_metadata(s, loaded, corpus))
                     trained.append((t, seconds))
-                del acts
             with stage("SAE quality"):
                 entries = _entries([t for t, _ in trained], loaded, corpus, missing,
                                    [sec for _, sec in trained], platform())
+                _store_r_usage(cache, loaded, corpus, missing, entries, acts)
+            del acts
             for s, (tensors, meta), (_, sec) in zip(missing[1:], entries[1:], trained[1:], strict=True):
                 cache.put(PRODUCER, key(s), tensors, meta, version=VERSION,
                           parts=_parts(loaded, corpus, s), compute_seconds=sec)

@@ -267,6 +267,25 @@ def test_cached_equals_fresh_and_is_not_recomputed(subject, sae, tokens, usage, 
         cached_feature_usage(cache, subject, sae, tokens, n_top=N_TOP, n_random=N_RANDOM, seed=9)
 
 
+def test_usage_from_the_shared_pass_equals_the_fresh_one_and_is_read_from_cache(
+        subject, sae, tokens, usage, acts, tmp_path, monkeypatch):
+    """The corpus pass hands the build BOS-less activations; the usage computed from them,
+    stored under cached_feature_usage's key, is what the R claims then read."""
+    flat = acts[:, 1:].reshape(-1, acts.shape[-1])  # what harness.corpus_pass keeps
+    shared = features.usage_from_activations(sae, flat, tokens, n_top=N_TOP, n_random=N_RANDOM,
+                                             batch_size=3)
+    for name in ARRAYS:
+        np.testing.assert_array_equal(getattr(shared, name), getattr(usage, name), err_msg=name)
+    np.testing.assert_allclose(shared.code_sum, usage.code_sum, rtol=1e-6)
+    cache = ContentCache(tmp_path)
+    features.store_usage(cache, subject, sae, tokens, shared, n_top=N_TOP, n_random=N_RANDOM)
+    monkeypatch.setattr(features, "sae_feature_usage", lambda *a, **k: pytest.fail("recomputed"))
+    got = cached_feature_usage(cache, subject, sae, tokens, n_top=N_TOP, n_random=N_RANDOM)
+    np.testing.assert_array_equal(got.top_context, shared.top_context)
+    with pytest.raises(ValueError, match="cannot cover"):
+        features.usage_from_activations(sae, flat[:-1], tokens)
+
+
 # --- concentration ---------------------------------------------------------------------------
 
 IDS = np.array([[5, 7, -1, 3],
