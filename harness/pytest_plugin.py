@@ -211,6 +211,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if previous is not None:  # an enclosing (pytester) session gets its recorder back
         stages.activate(previous)
         del config.stash[PREVIOUS_RECORDER]
+        state = config.stash.get(STATE, None)
+        if state is not None:  # and the stages the inner session ran (e.g. an SAE build)
+            for name, seconds in state.recorder.totals().items():
+                previous.add(name, seconds)
 
 
 def _resolve(config: pytest.Config, path: str) -> Path:

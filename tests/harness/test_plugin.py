@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import stages
 from harness.evidence import SCHEMA_VERSION
 
 pytest_plugins = ["pytester"]
@@ -437,6 +438,7 @@ def test_xdist_hub_subject_and_hook_leaks(pytester: pytest.Pytester,
     """
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(pytester.path / "empty_hf_home"))
+    monkeypatch.delenv(stages.INSTALL_ENV, raising=False)  # nox sets it for the outer run
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):
         monkeypatch.delenv(var, raising=False)
     _project(pytester, XDIST_RECORDS, conftest=XDIST_CONFTEST)
