@@ -620,3 +620,17 @@ def make_solu_hub_standin(
         "state_dict_path": snapshot / SOLU_STATE_DICT_FILE,
         "config": config,
     }
+
+
+H1_REGISTRY = """\
+schema_version: 1
+claims:
+  H1:
+    family: H
+    title: a large statistic
+    source: a test source
+    statement: The statistic r is large.
+    definition: r as the test records it
+    decision: {statistic: r, direction: above, threshold: 0.5}
+"""
+"""A one-claim registry for plugin tests run through pytester (others append claims)."""

@@ -12,20 +12,11 @@ import pytest
 
 from harness.build import build_parser
 from harness.cache import default_cache_dir
+from tests.standins import H1_REGISTRY
 
 pytest_plugins = ["pytester"]
 
-REGISTRY = """\
-schema_version: 1
-claims:
-  H1:
-    family: H
-    title: a large statistic
-    source: a test source
-    statement: The statistic r is large.
-    definition: r as the test records it
-    decision: {statistic: r, direction: above, threshold: 0.5}
-"""
+REGISTRY = H1_REGISTRY
 
 WHERE = """
 from pathlib import Path

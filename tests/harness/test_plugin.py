@@ -16,21 +16,13 @@ import pytest
 
 from harness import stages
 from harness.evidence import SCHEMA_VERSION
+from tests.standins import H1_REGISTRY
 
 pytest_plugins = ["pytester"]
 
 SUBJECT = "smollm2-135m"
 
-REGISTRY = """\
-schema_version: 1
-claims:
-  H1:
-    family: H
-    title: a large statistic
-    source: a test source
-    statement: The statistic r is large.
-    definition: r as the test records it
-    decision: {statistic: r, direction: above, threshold: 0.5}
+REGISTRY = H1_REGISTRY + """\
   H2:
     family: H
     title: a tiny error

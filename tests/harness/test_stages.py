@@ -20,6 +20,7 @@ from harness.stages import (
     Timings,
     install_seconds_from_env,
 )
+from tests.standins import H1_REGISTRY
 
 pytest_plugins = ["pytester"]
 
@@ -155,16 +156,7 @@ def test_xdist_summary_sums_the_workers_stages() -> None:
 
 # --- through the plugin (pytester) ----------------------------------------------------------
 
-REGISTRY = """\
-schema_version: 1
-claims:
-  H1:
-    family: H
-    title: a large statistic
-    source: a test source
-    statement: The statistic r is large.
-    definition: r as the test records it
-    decision: {statistic: r, direction: above, threshold: 0.5}
+REGISTRY = H1_REGISTRY + """\
   W1:
     family: W
     title: near zero
