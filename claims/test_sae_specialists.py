@@ -77,8 +77,17 @@ def s_batch(subject, texts):
 
 @pytest.fixture(scope="module")
 def s_acts(subject, saes, s_batch):
-    """Per-token activations at every residual SAE hook: {hook: (n_texts, pos, d_model)}."""
-    return capture(subject.model, s_batch.tokens, [s.hook_name for s in _resid(saes)])
+    """Per-token activations at every residual SAE hook and at S7's mismatched hook, from one
+    forward: {hook: (n_texts, pos, d_model)}."""
+    resid = _resid(saes)
+    hooks = [s.hook_name for s in resid] + ([_mismatched_hook(resid[0])] if resid else [])
+    return capture(subject.model, s_batch.tokens, hooks)
+
+
+def _mismatched_hook(first) -> str:
+    """S7's wrong input for the shallowest residual SAE: the MLP output of its block (the
+    source fed blocks.6.hook_mlp_out to a resid_pre SAE)."""
+    return f"blocks.{int(first.hook_name.split('.')[1])}.hook_mlp_out"
 
 
 @pytest.fixture(scope="module")
@@ -448,9 +457,8 @@ def test_hook_mismatch_is_detectable(subject, saes, s_data, s_acts, s_batch, tex
 
     _require_texts(texts, evidence)
     first = _resid(saes)[0]
-    layer = int(first.hook_name.split(".")[1])
-    wrong = f"blocks.{layer}.hook_mlp_out"  # the source fed blocks.6.hook_mlp_out to a resid_pre SAE
-    mismatched = capture(subject.model, s_batch.tokens, [wrong])[wrong]
+    wrong = _mismatched_hook(first)
+    mismatched = s_acts[wrong]
     keep = s_batch.mask.clone()
     keep[:, 0] = False
     sums = {name: reconstruction_sums(first.sae, acts, keep)

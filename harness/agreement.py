@@ -21,6 +21,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -79,6 +80,18 @@ class Vocabulary:
         """Strings of ``ids`` (negative ids = unfilled slots are skipped)."""
         return [self.strings[i] for i in ids if i >= 0]
 
+    @cached_property
+    def codes(self) -> np.ndarray:
+        """Per token id: the index of its normalised string among the distinct non-empty ones
+        (two ids with the same normalised string share a code); -1 for an empty string."""
+        index: dict[str, int] = {}
+        return np.array([index.setdefault(s, len(index)) if s else -1 for s in self.strings], dtype=np.int64)
+
+    @cached_property
+    def types(self) -> np.ndarray:
+        """Per token id: the index in TOKEN_TYPES of its normalised string's type."""
+        return np.array([TOKEN_TYPES.index(token_type(s)) for s in self.strings], dtype=np.int64)
+
 
 def mean_embeddings(W_E: torch.Tensor, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean embedding of each column's DISTINCT token ids: ids (k, n_units), -1 = unfilled.
@@ -94,41 +107,77 @@ def mean_embeddings(W_E: torch.Tensor, ids: np.ndarray) -> tuple[torch.Tensor, t
     return means, count[:, 0] > 0
 
 
+@dataclass(frozen=True)
+class _Lists:
+    """One method's (k, n_units) token lists in the forms the metrics need, computed once per
+    list so that the null's re-pairings only permute columns (the per-neuron Python loop this
+    replaces took ~40 s of family W on SmolLM2; tests/harness/test_agreement.py checks the
+    two agree exactly)."""
+
+    distinct: np.ndarray  # (k, n) sorted distinct non-empty string codes, -1 elsewhere
+    size: np.ndarray  # (n,) number of distinct non-empty strings
+    first: np.ndarray  # (n,) code of the first filled slot's string (-1: empty string), -2: no slot
+    dominant: np.ndarray  # (n,) TOKEN_TYPES index of the dominant type of the first DOMINANT_OF
+    means: torch.Tensor  # (n, d_model) mean embedding of the distinct ids
+    nonempty: torch.Tensor  # (n,) bool
+
+    @classmethod
+    def of(cls, ids: np.ndarray, vocab: Vocabulary, W_E: torch.Tensor) -> _Lists:
+        ids = np.asarray(ids, dtype=np.int64)
+        filled = ids >= 0
+        safe = np.where(filled, ids, 0)
+        codes = np.where(filled, vocab.codes[safe], -1)
+        distinct = np.sort(codes, axis=0)
+        distinct[1:][distinct[1:] == distinct[:-1]] = -1
+        has = filled.any(axis=0)
+        first_row = filled.argmax(axis=0)
+        first = np.where(has, codes[first_row, np.arange(ids.shape[1])], -2)
+        in_first = filled & (np.cumsum(filled, axis=0) <= DOMINANT_OF)
+        types = vocab.types[safe]
+        counts = np.stack([((types == t) & in_first).sum(axis=0) for t in range(len(TOKEN_TYPES))])
+        dominant = np.where(has, counts.argmax(axis=0), TOKEN_TYPES.index("other"))
+        means, nonempty = mean_embeddings(W_E, ids)
+        return cls(distinct, (distinct >= 0).sum(axis=0), first, dominant, means, nonempty)
+
+
+def _paired_metrics(a: _Lists, b: _Lists, pairing: np.ndarray) -> dict[str, np.ndarray]:
+    """The METRICS of neuron n's Method-1 lists ``a`` against Method-2 lists ``b[pairing[n]]``."""
+    b_distinct = b.distinct[:, pairing]
+    both = np.sort(np.concatenate([a.distinct, b_distinct]), axis=0)
+    inter = ((both[1:] == both[:-1]) & (both[1:] >= 0)).sum(axis=0)
+    union = a.size + b.size[pairing] - inter
+    b_first = b.first[pairing]
+    cos = torch.nn.functional.cosine_similarity(a.means.double(), b.means[pairing].double(), dim=1)
+    return {
+        "overlap": inter.astype(float),
+        "overlap_any": (inter > 0).astype(float),
+        "jaccard": np.where(union > 0, inter / np.maximum(union, 1), 0.0),
+        "top1_match": ((a.first >= 0) & (a.first == b_first)).astype(float),
+        "embed_cos": torch.where(a.nonempty & b.nonempty[pairing], cos, torch.nan).numpy(),
+        "type_match": (a.dominant == b.dominant[pairing]).astype(float),
+    }
+
+
 def neuron_metrics(
     m1: np.ndarray, m2: np.ndarray, vocab: Vocabulary, W_E: torch.Tensor, pairing: np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
     """Per-neuron agreement. ``m1``, ``m2``: (k, n_units) token ids (−1 = unfilled).
     ``pairing[n]`` = which neuron's Method-2 list neuron n's Method-1 list is compared with
     (identity when None; a permutation for the null)."""
-    k, n_units = m1.shape
-    pairing = np.arange(n_units) if pairing is None else pairing
-    out = {m: np.zeros(n_units) for m in METRICS}
-    e1, ok1 = mean_embeddings(W_E, m1)
-    e2, ok2 = mean_embeddings(W_E, m2[:, pairing])
-    cos = torch.nn.functional.cosine_similarity(e1.double(), e2.double(), dim=1)  # (n_units,)
-    out["embed_cos"] = torch.where(ok1 & ok2, cos, torch.nan).numpy()
-    for n in range(n_units):
-        ids1 = [int(i) for i in m1[:, n] if i >= 0]
-        ids2 = [int(i) for i in m2[:, pairing[n]] if i >= 0]
-        s1, s2 = vocab.normalise(ids1), vocab.normalise(ids2)
-        a, b = {s for s in s1 if s}, {s for s in s2 if s}
-        inter = len(a & b)
-        out["overlap"][n] = inter
-        out["overlap_any"][n] = float(inter > 0)
-        out["jaccard"][n] = inter / len(a | b) if a | b else 0.0
-        out["top1_match"][n] = float(bool(s1) and bool(s2) and s1[0] == s2[0] and s1[0] != "")
-        out["type_match"][n] = float(dominant_type(s1) == dominant_type(s2))
-    return out
+    n_units = np.asarray(m1).shape[1]
+    pairing = np.arange(n_units) if pairing is None else np.asarray(pairing)
+    return _paired_metrics(_Lists.of(m1, vocab, W_E), _Lists.of(m2, vocab, W_E), pairing)
 
 
 def null_metrics(
     m1: np.ndarray, m2: np.ndarray, vocab: Vocabulary, W_E: torch.Tensor, rng: np.random.Generator, n_perm: int = 10
 ) -> dict[str, np.ndarray]:
     """Per-neuron mean of each metric over ``n_perm`` random re-pairings of the lists."""
-    n_units = m1.shape[1]
+    n_units = np.asarray(m1).shape[1]
+    a, b = _Lists.of(m1, vocab, W_E), _Lists.of(m2, vocab, W_E)
     acc = {m: np.zeros(n_units) for m in METRICS}
     for _ in range(n_perm):
-        res = neuron_metrics(m1, m2, vocab, W_E, pairing=rng.permutation(n_units))
+        res = _paired_metrics(a, b, rng.permutation(n_units))
         for m in METRICS:
             acc[m] += res[m]
     return {m: v / n_perm for m, v in acc.items()}
@@ -137,9 +186,8 @@ def null_metrics(
 def dominant_token_ratio(m1: np.ndarray, vocab: Vocabulary) -> np.ndarray:
     """DTR per neuron = count of the most common normalised Method-1 token / k (k rows of m1;
     unfilled slots count in the denominator, so a neuron seen in fewer contexts scores lower)."""
-    k, n_units = m1.shape
-    out = np.zeros(n_units)
-    for n in range(n_units):
-        counts = Counter(s for s in vocab.normalise(int(i) for i in m1[:, n]) if s)
-        out[n] = max(counts.values()) / k if counts else 0.0
-    return out
+    ids = np.asarray(m1, dtype=np.int64)
+    k = ids.shape[0]
+    codes = np.where(ids >= 0, vocab.codes[np.where(ids >= 0, ids, 0)], -1)
+    same = (codes[:, None, :] == codes[None, :, :]) & (codes >= 0)[:, None, :]  # (k, k, n)
+    return same.sum(axis=1).max(axis=0, initial=0) / k

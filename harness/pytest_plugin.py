@@ -56,13 +56,21 @@ TIMING_KEY = "interp_claims_timing"
 MARKER_KWARGS = {"id"}
 
 
+_PROCESS_LOADED: dict = {}
+"""Subjects loaded by any session of this process, by spec: in-process pytest runs (pytester,
+the suite's own tests of the plugin) reuse a model instead of loading it again (~25 s each on
+2 cores). Safe because loaded subjects are read-only by contract (``_no_leaked_hooks`` checks
+the hooks; parameters have requires_grad off)."""
+_PROCESS_HF: dict = {}
+
+
 class SubjectStore:
     """Loaded subjects of this process, by spec; a failure is remembered, not retried."""
 
     def __init__(self) -> None:
-        self._loaded: dict[SubjectSpec, object] = {}
+        self._loaded: dict[SubjectSpec, object] = _PROCESS_LOADED
         self._errors: dict[SubjectSpec, Exception] = {}
-        self._hf: dict[tuple[str, str], tuple] = {}
+        self._hf: dict[tuple[str, str], tuple] = _PROCESS_HF
 
     def _hf_model(self, spec: SubjectSpec) -> tuple:
         """One transformers model per checkpoint, shared by the processing variants (only

@@ -1,16 +1,17 @@
 """Family S on a user's own texts (``--texts PATH``): every S claim must run on them and end in
 a verdict with its statistics (or inconclusive with the reason), never crash. Runs through the
-real plugin in a child process with the default subject and cache (the SAEs are built there on
-first use, so this is slow cold and ~2 min warm)."""
+real plugin in an in-process pytest session (pytester) with the default subject and cache: the
+model loaded by any session of this process is reused (harness.pytest_plugin's process store)
+and the SAEs are built on first use, so this is slow cold and takes seconds warm."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+pytest_plugins = ["pytester"]
 
 ROOT = Path(__file__).resolve().parents[2]
 S_CLAIMS = {"S1", "S2", "S3", "S4", "S5", "S6", "S7"}
@@ -21,17 +22,34 @@ def _own_texts() -> list[dict]:
             if line.strip()]
 
 
-def _run(tmp_path: Path, rows: list[dict]) -> dict:
-    path = tmp_path / "user_texts.jsonl"
+@pytest.fixture
+def heavy_imports() -> None:
+    """Import what the inner runs import BEFORE pytester snapshots sys.modules (requested ahead
+    of ``pytester``): pytester drops modules an inner run imported, and importing ``datasets``
+    (through sae-lens) a second time fails on pyarrow's extension-type registry."""
+    import datasets  # noqa: F401
+    import matplotlib.pyplot  # noqa: F401
+    import sae_lens  # noqa: F401
+    import transformer_lens  # noqa: F401
+
+    import harness.sae_train  # noqa: F401
+    import harness.specialists  # noqa: F401
+
+
+def _run(pytester: pytest.Pytester, run_state, rows: list[dict]) -> dict:
+    path = pytester.path / "user_texts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    evidence = tmp_path / "evidence"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "claims/test_sae_specialists.py", "--texts", str(path),
-         "--evidence-dir", str(evidence), "-p", "no:cacheprovider", "-q"],
-        cwd=ROOT, capture_output=True, text=True, timeout=3600,
+    evidence = pytester.path / "evidence"
+    result = pytester.runpytest(
+        str(ROOT / "claims" / "test_sae_specialists.py"), f"--rootdir={ROOT}", "-c", str(ROOT / "pyproject.toml"),
+        "--texts", str(path), "--evidence-dir", str(evidence),
+        # pytester points HOME at a temporary directory: hand the inner run this session's
+        # cache, or it would build the SAEs again in a cold one
+        f"--cache-dir={run_state.cache_dir}",
+        "-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-q",
     )
     # Exit 0 or 1 (a claim may be refuted on someone's texts: a result); never a usage error.
-    assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert result.ret in (0, 1), "\n".join(result.outlines[-60:] + result.errlines[-30:])
     doc = json.loads((evidence / "smollm2-135m" / "evidence.json").read_text())
     for c in doc["claims"]:
         assert "user_texts.jsonl" in c["inputs"]["texts"]["source"], c["inputs"]["texts"]
@@ -39,11 +57,11 @@ def _run(tmp_path: Path, rows: list[dict]) -> dict:
 
 
 @pytest.mark.slow
-def test_s_claims_run_on_user_texts(tmp_path):
+def test_s_claims_run_on_user_texts(heavy_imports, pytester: pytest.Pytester, run_state):
     rename = {"python": "code", "math": "maths", "web": "links"}
     rows = [{**r, "category": rename[r["category"]]} for r in _own_texts() if r["category"] in rename]
     rows = [r for i, r in enumerate(rows) if i % 2 == 0]  # 12 per category
-    doc = _run(tmp_path, rows)
+    doc = _run(pytester, run_state, rows)
     by_id: dict[str, list[dict]] = {}
     for c in doc["claims"]:
         by_id.setdefault(c["id"], []).append(c)
@@ -60,9 +78,9 @@ def test_s_claims_run_on_user_texts(tmp_path):
 
 
 @pytest.mark.slow
-def test_s_claims_too_few_texts_are_inconclusive(tmp_path):
+def test_s_claims_too_few_texts_are_inconclusive(heavy_imports, pytester: pytest.Pytester, run_state):
     rows = [r for r in _own_texts() if r["split"] == "heldout"]  # 6 per category < 10
-    doc = _run(tmp_path, rows)
+    doc = _run(pytester, run_state, rows)
     assert {c["id"] for c in doc["claims"]} == S_CLAIMS
     for c in doc["claims"]:
         assert c["verdict"] == "inconclusive" and "fewer than 10 texts" in c["reason"], (c["id"], c["reason"])
