@@ -21,7 +21,7 @@ import pytest
 import torch
 from scipy import stats
 
-from harness.capture import POOLING_POLICIES, PoolingPolicy, capture, pool, tokenize
+from harness.capture import POOLING_POLICIES, PoolingPolicy, cached_capture, pool, tokenize
 from harness.figures import pyplot
 from harness.specialists import (
     SCALE_FREE_QUANTILE,
@@ -76,12 +76,13 @@ def s_batch(subject, texts):
 
 
 @pytest.fixture(scope="module")
-def s_acts(subject, saes, s_batch):
+def s_acts(subject, saes, s_batch, content_cache):
     """Per-token activations at every residual SAE hook and at S7's mismatched hook, from one
-    forward: {hook: (n_texts, pos, d_model)}."""
+    forward (read from the content cache when these exact tokens went through these weights
+    before): {hook: (n_texts, pos, d_model)}."""
     resid = _resid(saes)
     hooks = [s.hook_name for s in resid] + ([_mismatched_hook(resid[0])] if resid else [])
-    return capture(subject.model, s_batch.tokens, hooks)
+    return cached_capture(content_cache, subject, s_batch.tokens, hooks)
 
 
 def _mismatched_hook(first) -> str:

@@ -9,6 +9,7 @@ model does not have, tokenisation with an explicit real-token mask under right p
 from __future__ import annotations
 
 import difflib
+import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -141,3 +142,32 @@ def capture(model: Any, tokens: torch.Tensor, names: Iterable[str]) -> dict[str,
         return_type=None,
     )
     return {n: cache[n] for n in names}
+
+
+ACTIVATIONS_VERSION = "1"
+
+
+def cached_capture(cache: Any, loaded: Any, tokens: torch.Tensor, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """:func:`capture` through the content cache (``cache``: a harness.cache.ContentCache;
+    ``loaded``: a LoadedSubject). The key is the subject's weight identity, the exact token
+    ids, the hooks, dtype, device type and the torch / transformer-lens versions, so a warm run
+    of the same claims on the same texts reads the activations instead of running the model
+    (family S's 168 padded texts: ~60 s on 2 cores) and anything else recomputes them."""
+    from importlib.metadata import version
+
+    import numpy as np
+
+    model = loaded.model
+    names = check_hook_names(model, names)
+    ids = tokens.detach().cpu().numpy().astype(np.int64)
+    parts = {"weights": loaded.weight_hash, "tokens": hashlib.sha256(ids.tobytes()).hexdigest(),
+             "shape": list(ids.shape), "hooks": list(names), "dtype": str(model.cfg.dtype),
+             "device": torch.device(model.cfg.device).type, "torch": torch.__version__,
+             "transformer_lens": version("transformer-lens")}
+
+    def compute() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        acts = capture(model, tokens, names)
+        return {n: a.detach().cpu() for n, a in acts.items()}, {"hooks": list(names)}
+
+    entry = cache.get_or_compute("activations", ACTIVATIONS_VERSION, parts, compute)
+    return {n: entry.tensors[n].to(model.cfg.device) for n in names}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import hashlib
 import os
 import sys
@@ -97,7 +98,17 @@ def _docstrings(path: Path) -> Iterator[str]:
 
 
 def documents(source: str) -> list[str]:
-    """The documents of one source, in a fixed order."""
+    """The documents of one source, in a fixed order (read once per process: they depend only
+    on the Python installation; callers get a fresh list)."""
+    return list(_documents(source))
+
+
+@functools.cache
+def _documents(source: str) -> tuple[str, ...]:
+    return tuple(_read_documents(source))
+
+
+def _read_documents(source: str) -> list[str]:
     if source == "pydoc_topics":
         from pydoc_data.topics import topics
 
@@ -143,9 +154,27 @@ def _windows(tokenizer: Any, docs: list[str], width: int, rng: np.random.Generat
     order = rng.permutation(len(docs))
     sep = tokenizer.eos_token or "\n\n"
     text = sep.join(docs[i] for i in order)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = _encode(tokenizer, text)
     n = len(ids) // width
     return torch.tensor(ids[: n * width], dtype=torch.long).view(n, width)  # (n_windows, width)
+
+
+_ENCODED: dict[tuple[str, str], np.ndarray] = {}
+"""Token ids of the last few (tokenizer, text) pairs of this process: a source's shuffled text
+is the same for the same seed, and tokenizing it takes seconds (the suite's tests build small
+corpora from the same recipes repeatedly)."""
+_ENCODED_MAX = 6
+
+
+def _encode(tokenizer: Any, text: str) -> np.ndarray:
+    key = (tokenizer_hash(tokenizer), hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest())
+    if key not in _ENCODED:
+        while len(_ENCODED) >= _ENCODED_MAX:
+            del _ENCODED[next(iter(_ENCODED))]
+        ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+        ids.setflags(write=False)
+        _ENCODED[key] = ids
+    return _ENCODED[key]
 
 
 def build_corpus(tokenizer: Any, recipe: CorpusRecipe = CorpusRecipe()) -> Corpus:

@@ -634,3 +634,14 @@ claims:
     decision: {statistic: r, direction: above, threshold: 0.5}
 """
 """A one-claim registry for plugin tests run through pytester (others append claims)."""
+
+W1_NEAR_ZERO = """\
+  W1:
+    family: W
+    title: near zero
+    source: a test source
+    statement: The mean is near zero.
+    definition: mean
+    decision: {statistic: m, direction: between, bounds: [-0.1, 0.1]}
+"""
+"""A W1 claim to append to H1_REGISTRY (add an ``expected:`` line after it where wanted)."""

@@ -67,3 +67,30 @@ def test_tokenize_rejects_empty_and_reports_truncation(model):
     batch = tokenize(model, ["short", too_long])
     assert batch.truncated == (1,)
     assert batch.tokens.shape[1] == model.cfg.n_ctx
+
+
+def test_cached_capture_equals_capture_and_reads_on_a_hit(tmp_path, monkeypatch):
+    from harness import capture as capture_mod
+    from harness.cache import ContentCache
+    from harness.capture import cached_capture
+
+    ckpt = make_llama_checkpoint(tmp_path / "m", seed=3)
+    loaded = loaders.load_subject(parse_subject(str(ckpt)))
+    cache = ContentCache(tmp_path / "cache")
+    tokens = torch.tensor([[1, 5, 9, 2], [1, 7, 7, 0]])
+    hooks = ["blocks.0.hook_resid_pre", "blocks.1.mlp.hook_post"]
+    fresh = capture(loaded.model, tokens, hooks)
+    first = cached_capture(cache, loaded, tokens, hooks)
+    for h in hooks:
+        assert torch.equal(first[h], fresh[h])
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a cache hit must not run the model")
+
+    monkeypatch.setattr(capture_mod, "capture", no_forward)
+    again = cached_capture(cache, loaded, tokens, hooks)
+    assert all(torch.equal(again[h], fresh[h]) for h in hooks)
+    with pytest.raises(AssertionError, match="must not run"):  # other tokens: another key
+        cached_capture(cache, loaded, tokens.flip(1), hooks)
+    with pytest.raises(AssertionError, match="must not run"):  # other hooks: another key
+        cached_capture(cache, loaded, tokens, hooks[:1])

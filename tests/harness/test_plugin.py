@@ -16,7 +16,7 @@ import pytest
 
 from harness import stages
 from harness.evidence import SCHEMA_VERSION
-from tests.standins import H1_REGISTRY
+from tests.standins import H1_REGISTRY, W1_NEAR_ZERO
 
 pytest_plugins = ["pytester"]
 
@@ -34,13 +34,7 @@ REGISTRY = H1_REGISTRY + """\
       direction: below
       threshold: {float32: 1.0e-4, float64: 1.0e-10}
     expected: {smollm2-135m: refuted}
-  W1:
-    family: W
-    title: near zero
-    source: a test source
-    statement: The mean is near zero.
-    definition: mean
-    decision: {statistic: m, direction: between, bounds: [-0.1, 0.1]}
+""" + W1_NEAR_ZERO + """\
     expected: {smollm2-135m: refuted}
 """
 

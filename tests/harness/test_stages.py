@@ -20,7 +20,7 @@ from harness.stages import (
     Timings,
     install_seconds_from_env,
 )
-from tests.standins import H1_REGISTRY
+from tests.standins import H1_REGISTRY, W1_NEAR_ZERO
 
 pytest_plugins = ["pytester"]
 
@@ -156,15 +156,7 @@ def test_xdist_summary_sums_the_workers_stages() -> None:
 
 # --- through the plugin (pytester) ----------------------------------------------------------
 
-REGISTRY = H1_REGISTRY + """\
-  W1:
-    family: W
-    title: near zero
-    source: a test source
-    statement: The mean is near zero.
-    definition: mean
-    decision: {statistic: m, direction: between, bounds: [-0.1, 0.1]}
-"""
+REGISTRY = H1_REGISTRY + W1_NEAR_ZERO
 
 TESTS = """
 import time
