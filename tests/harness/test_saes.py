@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,6 +122,37 @@ def test_joint_quality_equals_one_at_a_time(subject, corpus):
     joint = sae_quality_many(saes, subject, corpus.tokens[:6], batch_size=4)
     for sae, got in zip(saes, joint, strict=True):
         assert got == pytest.approx(sae_quality(sae, subject, corpus.tokens[:6], batch_size=4))
+
+
+def test_shared_prefix_runs_equal_full_runs(subject, corpus):
+    """The spliced / ablated runs started at the SAE's block from the clean run's residual give
+    the numbers of runs from the tokens (every SAE here, at blocks 0 and 1)."""
+    from harness.saes import sae_quality_rows
+
+    saes = [random_decoder_sae(32, 48, seed=1, hook_name="blocks.1.hook_resid_pre").sae,
+            random_decoder_sae(64, 48, seed=2, hook_name="blocks.0.mlp.hook_post").sae,
+            random_decoder_sae(64, 48, seed=3, hook_name="blocks.1.mlp.hook_post").sae]
+    tokens = corpus.tokens[:6]
+    shared = sae_quality_rows(saes, subject, tokens, batch_size=4)
+    full = sae_quality_rows(saes, subject, tokens, batch_size=4, share_prefix=False)
+    for a, b in zip(shared, full, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-9, err_msg=key)
+
+
+def test_midway_start_only_where_nothing_is_rebuilt():
+    from types import SimpleNamespace
+
+    from harness.saes import _can_start_midway
+
+    def model(side, pos):
+        return SimpleNamespace(tokenizer=SimpleNamespace(padding_side=side),
+                               cfg=SimpleNamespace(positional_embedding_type=pos))
+
+    assert _can_start_midway(model("right", "rotary"))
+    assert not _can_start_midway(model("left", "rotary"))
+    assert not _can_start_midway(model("right", "shortformer"))
 
 
 @pytest.mark.parametrize("architecture", ["topk", "standard"])
