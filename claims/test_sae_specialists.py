@@ -21,7 +21,14 @@ import pytest
 import torch
 from scipy import stats
 
-from harness.capture import POOLING_POLICIES, PoolingPolicy, cached_capture, pool, tokenize
+from harness.capture import (
+    POOLING_POLICIES,
+    PoolingPolicy,
+    block_index,
+    cached_capture,
+    pool,
+    tokenize,
+)
 from harness.figures import pyplot
 from harness.specialists import (
     SCALE_FREE_QUANTILE,
@@ -88,7 +95,7 @@ def s_acts(subject, saes, s_batch, content_cache):
 def _mismatched_hook(first) -> str:
     """S7's wrong input for the shallowest residual SAE: the MLP output of its block (the
     source fed blocks.6.hook_mlp_out to a resid_pre SAE)."""
-    return f"blocks.{int(first.hook_name.split('.')[1])}.hook_mlp_out"
+    return f"blocks.{block_index(first.hook_name)}.hook_mlp_out"
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +112,7 @@ def s_data(saes, texts, s_batch, s_acts) -> SData:
                 codes[(s.hook_name, policy.name)] = s.sae.encode(pooled.to(s.sae.W_enc.dtype)).cpu().numpy()
             thresholds[(THRESHOLDS[0], s.hook_name)] = SOURCE_THRESHOLD
             thresholds[(THRESHOLDS[1], s.hook_name)] = scale_free_threshold(codes[(s.hook_name, MASKED.name)])
-    depths = tuple(int(h.split(".")[1]) for h in hooks)
+    depths = tuple(block_index(h) for h in hooks)
     return SData(tuple(t.category for t in texts.texts), depths, hooks, codes, s_batch.truncated, thresholds)
 
 

@@ -41,13 +41,19 @@ def last_layer_needed(model: Any, names: Iterable[str]) -> int | None:
     forward), or None when a hook after the blocks (``ln_final``, ``unembed``) is needed."""
     deepest = -1
     for name in names:
-        m = re.match(r"blocks\.(\d+)\.", name)
-        if m is None:
+        block = block_index(name)
+        if block is None:
             if name.startswith(("hook_embed", "hook_pos_embed")):
                 continue
             return None
-        deepest = max(deepest, int(m.group(1)))
+        deepest = max(deepest, block)
     return deepest + 1
+
+
+def block_index(name: str) -> int | None:
+    """L for a hook inside ``blocks.L`` (``blocks.15.mlp.hook_post`` -> 15), None outside."""
+    m = re.match(r"blocks\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from harness.capture import block_index
 from harness.loaders import weights_hash
 from harness.subjects import SubjectError, SubjectUnavailable
 
@@ -262,7 +263,7 @@ def sae_quality_rows(
     hooks = [sae.cfg.metadata.hook_name for sae in saes]
     if None in hooks:
         raise ValueError("an SAE's metadata names no hook_name")
-    start_of = {h: _block_of(h) for h in hooks}
+    start_of = {h: block_index(h) for h in hooks}
     share_prefix = share_prefix and None not in start_of.values() and _can_start_midway(model)
     starts = sorted({start_of[h] for h in hooks}) if share_prefix else []
     keep = torch.ones(tokens.shape[1], dtype=torch.bool, device=dev)
@@ -325,12 +326,6 @@ def sae_quality_rows(
                  dead_share=1 - fi.double().mean().item(), skip_bos=skip_bos)
         out.append(r)
     return out
-
-
-def _block_of(hook: str) -> int | None:
-    """L for a hook inside ``blocks.L`` (None for a hook outside the blocks)."""
-    parts = hook.split(".")
-    return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else None
 
 
 def _can_start_midway(model: Any) -> bool:

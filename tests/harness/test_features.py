@@ -161,7 +161,7 @@ def test_known_features(usage, sae, acts, tokens):
     assert np.isnan(usage.mean_when_firing[DEAD])
     # Fewer firings than slots: only the firings are filled, the rest -1.
     k = int(usage.fire_count[RARE])
-    assert 1 <= k < N_RANDOM
+    assert 1 <= k < N_RANDOM  # the fixture's precondition: without it the lines below test nothing
     assert (usage.top_tokens[:k, RARE] >= 0).all() and (usage.top_tokens[k:, RARE] == -1).all()
     assert sorted(usage.random_context[:k, RARE]) == sorted(usage.top_context[:k, RARE])
     assert (usage.random_tokens[k:, RARE] == -1).all()
