@@ -72,9 +72,10 @@ class SubjectStore:
         self._errors: dict[SubjectSpec, Exception] = {}
         self._hf: dict[tuple[str, str], tuple] = _PROCESS_HF
 
-    def _hf_model(self, spec: SubjectSpec) -> tuple:
+    def hf_model(self, spec: SubjectSpec) -> tuple:
         """One transformers model per checkpoint, shared by the processing variants (only
-        TL's converted copies are handed to tests; the HF model is never exposed)."""
+        TL's converted copies are handed to claim tests; the harness's own loader tests read
+        it to compare logits)."""
         from harness.loaders import load_hf
 
         key = (spec.kind, spec.source)
@@ -89,7 +90,7 @@ class SubjectStore:
             from harness.loaders import load_subject  # heavy: torch, transformers
 
             try:
-                self._loaded[spec] = load_subject(spec, hf_loader=self._hf_model)
+                self._loaded[spec] = load_subject(spec, hf_loader=self.hf_model)
             except (SubjectError, SubjectUnavailable) as exc:
                 self._errors[spec] = exc
                 raise

@@ -205,7 +205,7 @@ def test_hub_subject_offline_is_unavailable_quickly(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_logits_match_hf():
+def test_smollm2_logits_match_hf(run_state):
     """The default subject: TL conversion of the dequantized GGUF vs transformers' own model.
 
     Tolerance 5e-4 absolute on logits of magnitude ~30 (about 1e-5 relative): float32 op-order
@@ -213,7 +213,7 @@ def test_smollm2_logits_match_hf():
     """
     spec = dataclasses.replace(parse_subject("smollm2-135m"), processing=RAW)
     start = time.perf_counter()
-    hf, tok = loaders.load_hf(spec)
+    hf, tok = run_state.store.hf_model(spec)  # shared with the claims' subject in this process
     model, _ = loaders.hooked_from_hf(hf, tok, spec)
     tokens = model.to_tokens("The quick brown fox jumps over the lazy dog. 3 + 4 = 7")
     with torch.no_grad():

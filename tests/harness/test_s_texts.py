@@ -22,20 +22,6 @@ def _own_texts() -> list[dict]:
             if line.strip()]
 
 
-@pytest.fixture
-def heavy_imports() -> None:
-    """Import what the inner runs import BEFORE pytester snapshots sys.modules (requested ahead
-    of ``pytester``): pytester drops modules an inner run imported, and importing ``datasets``
-    (through sae-lens) a second time fails on pyarrow's extension-type registry."""
-    import datasets  # noqa: F401
-    import matplotlib.pyplot  # noqa: F401
-    import sae_lens  # noqa: F401
-    import transformer_lens  # noqa: F401
-
-    import harness.sae_train  # noqa: F401
-    import harness.specialists  # noqa: F401
-
-
 def _run(pytester: pytest.Pytester, run_state, rows: list[dict]) -> dict:
     path = pytester.path / "user_texts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

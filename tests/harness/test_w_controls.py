@@ -1,29 +1,34 @@
 """Family W's positive control end to end: on the planted subject (neurons wired to tokens)
-the W1 claim tests must pass, through the real plugin, fixtures and evidence report."""
+the W1 claim tests must pass, through the real plugin, fixtures and evidence report.
+
+Runs in an in-process pytest session (pytester) with this session's cache: the planted
+subject's corpus and harvest are content-addressed, so a warm run reuses them (a child
+process cost ~10 s of imports on top)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+pytest_plugins = ["pytester"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_w1_passes_on_the_planted_control(tmp_path):
-    evidence = tmp_path / "evidence"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "claims/test_weight_tokens.py", "-k", "W1 or agreement_beats",
-         "--subject", "planted-tokens", "--corpus-contexts", "512", "--corpus-context-len", "64",
-         "--evidence-dir", str(evidence), "--cache-dir", str(tmp_path / "cache"),
-         "-p", "no:cacheprovider", "-q"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+def test_w1_passes_on_the_planted_control(heavy_imports, pytester: pytest.Pytester, run_state):
+    evidence = pytester.path / "evidence"
+    result = pytester.runpytest(
+        str(ROOT / "claims" / "test_weight_tokens.py"), f"--rootdir={ROOT}", "-c", str(ROOT / "pyproject.toml"),
+        "-k", "W1 or agreement_beats", "--subject", "planted-tokens",
+        "--corpus-contexts", "512", "--corpus-context-len", "64",
+        "--evidence-dir", str(evidence),
+        f"--cache-dir={run_state.cache_dir}",  # pytester points HOME at a temporary directory
+        "-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-q",
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert result.ret == 0, "\n".join(result.outlines[-60:])
     doc = json.loads((evidence / "planted-tokens" / "evidence.json").read_text())
     w1 = [c for c in doc["claims"] if c["id"] == "W1"]
     assert len(w1) == 4 and all(c["verdict"] == "supported" for c in w1)
