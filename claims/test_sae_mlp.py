@@ -92,7 +92,7 @@ def test_rare_features_are_selective_not_dead(usage, mlp_sae, evidence, rng):
     idx = np.flatnonzero(enough)
     if idx.size < 30:
         evidence.inconclusive(f"only {idx.size} features fired >= {N_TOP} times on "
-                              f"{usage.n_tokens} tokens: too few to correlate")
+                              f"{usage.n_tokens} tokens: too few to correlate", code="too-few-units")
     logf = np.log10(freq[idx])
 
     def rho(y, sel=None):

@@ -29,7 +29,9 @@ from harness.capture import (
     pool,
     tokenize,
 )
+from harness.errors import HarnessError
 from harness.figures import pyplot
+from harness.saes import depth_trend_problem
 from harness.specialists import (
     SCALE_FREE_QUANTILE,
     SOURCE_THRESHOLD,
@@ -47,7 +49,7 @@ N_NULL = 50
 MASKED = PoolingPolicy(mask_padding=True, keep_bos=False)  # the source's masked pooling
 UNMASKED = PoolingPolicy(mask_padding=False, keep_bos=True)  # the source's bug
 THRESHOLDS = ("source-5.0", f"scale-free-q{SCALE_FREE_QUANTILE}")
-HARD_CATEGORIES = ("social", "conversational")  # S6's two categories (the source's names, lower-cased)
+HARD_CATEGORIES = ("social", "conversational")  # S6's two categories; matched by TextSet.find
 TRIGGER_TOKENS = 3  # S5: a specialist's trigger tokens = its 3 highest-mass token types inside
 MIN_OUTSIDE = 3  # S5: a trigger token must occur at least 3 times outside the category
 SYNTAX_RATIO = 0.5  # S5: also in the registry's decision; used here only to label the figure
@@ -119,10 +121,12 @@ def s_data(saes, texts, s_batch, s_acts) -> SData:
 def _require_texts(texts, evidence, categories=()) -> None:
     short = texts.require(MIN_TEXTS_PER_CATEGORY)
     if short:
-        evidence.inconclusive(f"categories with fewer than {MIN_TEXTS_PER_CATEGORY} texts: {short}")
-    missing = [c for c in categories if c not in texts.categories]
+        evidence.inconclusive(f"categories with fewer than {MIN_TEXTS_PER_CATEGORY} texts: {short}",
+                              code="too-few-texts")
+    missing = [c for c in categories if texts.find(c) is None]
     if missing:
-        evidence.inconclusive(f"the texts have no categories {missing} (they have {list(texts.categories)})")
+        evidence.inconclusive(f"the texts have no categories {missing} (they have {list(texts.categories)}; "
+                              "names match case- and separator-insensitively)", code="missing-category")
 
 
 def _counts(data: SData, kind: str, policy: PoolingPolicy = MASKED, rows=None, labels=None) -> list[int]:
@@ -135,9 +139,20 @@ def _boot(data: SData, fn, rng, n: int = N_BOOT) -> np.ndarray:
 
 def _estimate(value: float, boots: np.ndarray, n: int,
               method: str = "bootstrap-percentile (texts within categories)") -> Estimate:
-    ok = boots[np.isfinite(boots)]
-    lo, hi = np.percentile(ok, [2.5, 97.5]) if ok.size else (np.nan, np.nan)
+    """Percentile interval of the draws; a non-finite draw is a harness error (dropping it
+    would condition the interval on the draws that happened to be defined)."""
+    bad = int((~np.isfinite(boots)).sum())
+    if bad:
+        raise HarnessError(f"{bad} of {boots.size} bootstrap draws are not finite")
+    lo, hi = np.percentile(boots, [2.5, 97.5])
     return Estimate(float(value), float(lo), float(hi), n, method)
+
+
+def _require_depths(data: SData, evidence) -> None:
+    """S2-S4 are trends over the source's relative depths (harness.saes.depth_trend_problem)."""
+    problem = depth_trend_problem(data.depths)
+    if problem:
+        evidence.inconclusive(problem, code="not-applicable")
 
 
 def _shuffled(data: SData, fn, rng, n: int = N_NULL) -> np.ndarray:
@@ -205,8 +220,11 @@ def _figure_padding(evidence, data: SData, matrix, kind) -> None:
 
 
 def _spearman(depths, counts) -> float:
+    """Spearman's rho; 0 when every count is equal (rho is undefined there: no depth has more
+    specialists than another, which is no association; a NaN would have been dropped from
+    the bootstrap, conditioning the interval on resamples that happened to vary)."""
     if len(set(counts)) < 2:
-        return float("nan")
+        return 0.0
     return float(stats.spearmanr(depths, counts).statistic)
 
 
@@ -214,6 +232,7 @@ def _spearman(depths, counts) -> float:
 @pytest.mark.parametrize("kind", THRESHOLDS)
 def test_deeper_layers_have_more_specialists(saes, s_data, texts, kind, evidence, rng):
     _require_texts(texts, evidence)
+    _require_depths(s_data, evidence)
     counts = _counts(s_data, kind)
     boots = _boot(s_data, lambda rows: _spearman(s_data.depths, _counts(s_data, kind, rows=rows)), rng)
     null = _shuffled(s_data, lambda lab: _spearman(s_data.depths, _counts(s_data, kind, labels=lab)), rng)
@@ -221,9 +240,9 @@ def test_deeper_layers_have_more_specialists(saes, s_data, texts, kind, evidence
     evidence.record("depth_count_spearman", _estimate(_spearman(s_data.depths, counts), boots, len(s_data.labels)),
                     null=_null_estimate(null),
                     description=f"Spearman(depth, specialists) over depths {s_data.depths}, threshold {kind}, "
-                    f"{MASKED.name} pooling (NaN when the counts are all equal)",
+                    f"{MASKED.name} pooling (0 when the counts are all equal)",
                     counts=counts, non_decreasing=bool(all(np.diff(counts) >= 0)),
-                    boot_share_nan=float(np.isnan(boots).mean()), per_category=per_cat)
+                    boot_share_constant=float(np.mean(boots == 0.0)), per_category=per_cat)
     evidence.note(f"specialists per depth {dict(zip(s_data.depths, counts, strict=True))} "
                   f"(non-decreasing: {all(np.diff(counts) >= 0)}); source (gpt2-small): 5/6/7/7")
     _figure_heatmap(evidence, s_data, per_cat, kind)
@@ -261,6 +280,7 @@ def _slope(y) -> float:
 @pytest.mark.claim(id="S3")
 def test_most_frequent_feature_coverage_falls_with_depth(saes, s_data, texts, evidence, rng):
     _require_texts(texts, evidence)
+    _require_depths(s_data, evidence)
 
     def coverage(rows=None):
         return [most_frequent_coverage(s_data.codes[(h, MASKED.name)] if rows is None
@@ -285,6 +305,7 @@ def test_most_frequent_feature_coverage_falls_with_depth(saes, s_data, texts, ev
 @pytest.mark.claim(id="S4")
 def test_peak_activation_grows_with_depth(saes, s_data, texts, evidence, rng):
     _require_texts(texts, evidence)
+    _require_depths(s_data, evidence)
 
     def log_peaks(rows=None):
         return np.log([peak_activation(s_data.codes[(h, MASKED.name)] if rows is None
@@ -369,7 +390,8 @@ def test_specialists_detect_syntax_not_topic(subject, saes, s_data, s_acts, s_ba
     _require_texts(texts, evidence)
     specs = _specialists(s_data, kind)
     if not specs:
-        evidence.inconclusive(f"no specialists at any depth under threshold {kind}: nothing to inspect")
+        evidence.inconclusive(f"no specialists at any depth under threshold {kind}: nothing to inspect",
+                              code="no-specialists")
     zs = _token_codes(saes, s_acts, s_batch, specs)
     tokens = s_batch.tokens.cpu().numpy()
     keep = s_batch.mask.cpu().numpy().copy()
@@ -386,7 +408,7 @@ def test_specialists_detect_syntax_not_topic(subject, saes, s_data, s_acts, s_ba
     if ok.size < 3:
         evidence.note(f"specialists: {rows}")
         evidence.inconclusive(f"only {ok.size} of {len(rows)} specialists have trigger tokens occurring "
-                              f">= {MIN_OUTSIDE} times outside their category (need 3)")
+                              f">= {MIN_OUTSIDE} times outside their category (need 3)", code="too-few-units")
     boots = np.array([np.median(rng.choice(ok, ok.size)) for _ in range(2000)])
     evidence.record("median_outside_inside_firing_ratio",
                     _estimate(float(np.median(ok)), boots, int(ok.size), "bootstrap-percentile (specialists)"),
@@ -430,14 +452,15 @@ def _attach_highlight(evidence, subject, data: SData, batch, specs, zs, kind) ->
 @pytest.mark.parametrize("kind", THRESHOLDS)
 def test_social_and_conversational_are_hardest(saes, s_data, texts, kind, evidence, rng):
     _require_texts(texts, evidence, HARD_CATEGORIES)
+    hard_categories = tuple(texts.find(c) for c in HARD_CATEGORIES)  # as the user spelt them
 
     def gap(rows=None, labels=None):
         scores = {c: [] for c in sorted(set(s_data.labels))}
         for h in s_data.hooks:
             for r in s_data.table(kind, h, rows=rows, labels=labels).per_category:
                 scores[r.category].append(r.best_score)
-        hard = np.mean([np.mean(scores[c]) for c in HARD_CATEGORIES])
-        rest = np.mean([np.mean(v) for c, v in scores.items() if c not in HARD_CATEGORIES])
+        hard = np.mean([np.mean(scores[c]) for c in hard_categories])
+        rest = np.mean([np.mean(v) for c, v in scores.items() if c not in hard_categories])
         return float(hard - rest)
 
     first = {}
@@ -449,7 +472,7 @@ def test_social_and_conversational_are_hardest(saes, s_data, texts, kind, eviden
                     _estimate(gap(), _boot(s_data, lambda rows: gap(rows=rows), rng), len(s_data.labels)),
                     null=_null_estimate(_shuffled(s_data, lambda lab: gap(labels=lab), rng)),
                     description=f"mean over depths {s_data.depths} of the best specialist score of "
-                    f"{HARD_CATEGORIES} minus that of the other categories, threshold {kind}",
+                    f"{hard_categories} minus that of the other categories, threshold {kind}",
                     first_depth_with_specialist=first)
     evidence.note(f"first depth with a specialist per category: {first} (source: social and "
                   "conversational only in deep layers)")
@@ -496,7 +519,7 @@ def test_hook_mismatch_is_detectable(subject, saes, s_data, s_acts, s_batch, tex
                   f"{per_token['mismatched']['relu_l0']:.0f}; FVE matched {matched}, mismatched {bad}")
     if matched.ci_low < first_decision_bound(evidence):
         evidence.inconclusive(f"the SAE reconstructs its own hook with FVE {matched}: below the detector's "
-                              "bound, so a low FVE cannot single out a mismatch")
+                              "bound, so a low FVE cannot single out a mismatch", code="below-detection-bound")
     evidence.judge()
 
 

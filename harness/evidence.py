@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.registry import Claim
-from harness.stats import Estimate, decide
+from harness.registry import INCONCLUSIVE_CODES, Claim
+from harness.stats import Estimate, decide, require_finite
 
 SCHEMA_VERSION = "1.1"
 """1.1: top-level ``timings`` (additive; a 1.0 reader ignores it)."""
@@ -29,12 +29,34 @@ IMAGE_SUFFIXES = (".png", ".svg", ".jpg", ".jpeg", ".gif")
 """Listed files the Markdown embeds as images; any other attachment is rendered as a link."""
 
 
-class ClaimRefuted(AssertionError):
+class ClaimVerdict(Exception):  # noqa: N818 - a verdict, not an error
+    """A scientific verdict other than supported, raised by ``ClaimEvidence.judge`` or
+    ``ClaimEvidence.inconclusive`` only (the plugin refuses one raised by hand). Not an
+    ``AssertionError``: a plain ``assert`` in a claim test is a harness error, never a verdict."""
+
+    verdict = ""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ClaimRefuted(ClaimVerdict):
     """The measured interval lies on the wrong side of the claim's threshold."""
 
+    verdict = "refuted"
 
-class ClaimInconclusive(AssertionError):
-    """The interval straddles the threshold (or the data cannot decide): not a pass."""
+
+class ClaimInconclusive(ClaimVerdict):
+    """The interval straddles the threshold (or the data cannot decide): not a pass. ``code``
+    is a key of INCONCLUSIVE_CODES."""
+
+    verdict = "inconclusive"
+
+    def __init__(self, message: str, code: str = "interval") -> None:
+        if code not in INCONCLUSIVE_CODES:
+            raise ValueError(f"inconclusive code {code!r} is not one of {sorted(INCONCLUSIVE_CODES)}")
+        super().__init__(message, code)
 
 
 def _clean(x: Any) -> Any:
@@ -74,6 +96,8 @@ class ClaimEvidence:
     inconclusive (seed-unstable), whatever this run's seed gives."""
     raw_verdict: str | None = None
     """The verdict of this run's own interval, before the seed spread is applied."""
+    code: str | None = None
+    """Why the verdict is inconclusive (a key of INCONCLUSIVE_CODES); None otherwise."""
 
     def record(
         self,
@@ -134,7 +158,9 @@ class ClaimEvidence:
                 f"(recorded: {sorted(self.statistics)})"
             )
         est = self.estimates[d.statistic]
+        require_finite(est, f"{self.claim.id} on {self.subject_id}: headline {d.statistic}")
         self.verdict = self.raw_verdict = decide(est, d, self.dtype)
+        self.code = "interval" if self.verdict == "inconclusive" else None
         bound = list(d.bounds) if d.direction == "between" else d.threshold_for(self.dtype)
         message = (
             f"{self.claim.id} {self.verdict} on {self.subject_id}: {self.claim.statement!r} — "
@@ -144,22 +170,26 @@ class ClaimEvidence:
         if spread is not None:
             self.note(f"Seed spread: {spread.describe()}; this run: {self.raw_verdict}.")
             if not spread.stable:
-                self.verdict = "inconclusive"
+                self.verdict, self.code = "inconclusive", "seed-unstable"
                 message = (f"{self.claim.id} inconclusive (seed-unstable) on {self.subject_id}: "
                            f"the verdict flips between SAE training seeds ({spread.describe()}); "
                            f"this run alone: {self.raw_verdict}, {d.statistic} = {est}")
         if self.verdict == "refuted":
             raise ClaimRefuted(message)
         if self.verdict == "inconclusive":
-            raise ClaimInconclusive(message)
+            raise ClaimInconclusive(message, self.code)
         return self.verdict
 
-    def inconclusive(self, reason: str) -> None:
+    def inconclusive(self, reason: str, *, code: str) -> None:
         """End the claim as inconclusive for a reason other than an interval (e.g. too few
-        texts in a category): not a pass, and not a crash."""
-        self.verdict = "inconclusive"
+        texts in a category): not a pass, and not a crash. ``code``: a key of
+        INCONCLUSIVE_CODES other than 'interval' and 'seed-unstable' (judge's own)."""
+        if code not in INCONCLUSIVE_CODES or code in ("interval", "seed-unstable"):
+            raise ValueError(f"code {code!r}: give one of "
+                             f"{sorted(set(INCONCLUSIVE_CODES) - {'interval', 'seed-unstable'})}")
+        self.verdict, self.code = "inconclusive", code
         self.note(reason)
-        raise ClaimInconclusive(f"{self.claim.id} inconclusive on {self.subject_id}: {reason}")
+        raise ClaimInconclusive(f"{self.claim.id} inconclusive ({code}) on {self.subject_id}: {reason}", code)
 
     def to_record(self) -> dict:
         return _clean(
@@ -170,6 +200,7 @@ class ClaimEvidence:
                 "definition": self.claim.definition,
                 "verdict": self.verdict,
                 "raw_verdict": self.raw_verdict,
+                "reason_code": self.code,
                 "seed_spread": None if self.seed_spread is None else self.seed_spread.to_dict(),
                 "statistics": self.statistics,
                 "notes": self.notes,

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from harness.corpus import CorpusRecipe, build_corpus
+from harness.errors import unavailable_errors
 from harness.subjects import (
     DEFAULT_SUBJECT,
     KNOWN_SUBJECTS,
@@ -246,7 +247,7 @@ def _hub_call(spec: SubjectSpec, fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Call a hub-loading function; turn "no network / not cached" into SubjectUnavailable."""
     try:
         return fn(*args, **kwargs)
-    except (OSError, ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+    except unavailable_errors() as exc:  # only a missing network/file/package: the rest is an error
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise SubjectUnavailable(
             f"{spec.name}: weights come from the Hugging Face hub through transformer-lens and "

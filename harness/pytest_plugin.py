@@ -30,15 +30,14 @@ from harness.evidence import (
     SUMMARY_HEADER,
     TIMING_HEADER,
     ClaimEvidence,
-    ClaimInconclusive,
-    ClaimRefuted,
+    ClaimVerdict,
     EvidenceWriter,
     summary_rows,
     timing_rows,
     timing_total,
 )
 from harness.provenance import run_provenance
-from harness.registry import Registry, RegistryError
+from harness.registry import Expected, Registry, RegistryError
 from harness.stats import claim_rng
 from harness.subjects import (
     DEFAULT_SUBJECT,
@@ -125,6 +124,8 @@ EVIDENCE = pytest.StashKey[ClaimEvidence]()
 PREVIOUS_RECORDER = pytest.StashKey[stages.StageRecorder]()
 STAGES_BEFORE = pytest.StashKey[dict[str, float]]()
 """An item's snapshot of the recorder's totals as its setup starts."""
+EXPECTED = pytest.StashKey["Expected | None"]()
+"""A claim test's recorded expectation (registry, seed spread), set at collection."""
 PHASE_SECONDS = pytest.StashKey[float]()
 """An item's setup + call + teardown seconds so far."""
 
@@ -274,22 +275,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         # pytest's -k is a case-insensitive substring match).
         item.extra_keyword_matches.add(cid)
         item.extra_keyword_matches.add(f"family-{state.registry[cid].family}")
-        if state.user_texts and "texts" in getattr(item, "fixturenames", ()):
-            continue  # expected verdicts were measured on the project's own texts
-        callspec = getattr(item, "callspec", None)
-        expected = state.registry[cid].expected_verdict(state.spec.id, callspec.id if callspec else None)
-        spread = _spread(item, state, cid)
-        if spread is not None and not spread.stable:
-            expected = "inconclusive"  # seed-unstable: see harness.seed_spread
-        if expected in ("refuted", "inconclusive"):
-            raises = ClaimRefuted if expected == "refuted" else ClaimInconclusive
-            item.add_marker(
-                pytest.mark.xfail(
-                    strict=True,
-                    raises=raises,
-                    reason=f"{cid} recorded as {expected} on {state.spec.id} in the registry",
-                )
-            )
+        item.stash[EXPECTED] = _expectation(item, state, cid)
+
+
+def _expectation(item: pytest.Item, state: RunState, cid: str) -> Expected | None:
+    """What the registry (and the seed spread) record for this claim test on this subject;
+    None where nothing is recorded or the user's own texts make the record moot."""
+    if state.user_texts and "texts" in getattr(item, "fixturenames", ()):
+        return None  # expected verdicts were measured on the project's own texts
+    callspec = getattr(item, "callspec", None)
+    expected = state.registry[cid].expected_verdict(state.spec.id, callspec.id if callspec else None)
+    spread = _spread(item, state, cid)
+    if spread is not None and not spread.stable:
+        expected = Expected("inconclusive", "seed-unstable")  # see harness.seed_spread
+    return expected
 
 
 @pytest.fixture(scope="session")
@@ -426,26 +425,68 @@ def _no_leaked_hooks(request: pytest.FixtureRequest) -> Iterator[None]:
             pytest.fail(f"test left hooks attached to the shared model: {leaked[:5]}", pytrace=False)
 
 
-def _verdict(item: pytest.Item, call: pytest.CallInfo, report: pytest.TestReport,
-             ev: ClaimEvidence | None) -> tuple[str, str]:
-    """(verdict, reason) from the outcome; the evidence's own verdict wins when it has one."""
-    judged = ev.verdict if ev else None
+NO_JUDGE = ("the claim test ended without a verdict: it never called evidence.judge() (or "
+            "evidence.inconclusive(...)); a harness error, not a pass")
+
+
+def _verdict(call: pytest.CallInfo, report: pytest.TestReport,
+             ev: ClaimEvidence | None) -> tuple[str, str, str | None]:
+    """(verdict, reason, inconclusive code) of a claim test's phase.
+
+    Only ``evidence.judge()`` / ``evidence.inconclusive()`` make a scientific verdict, and only
+    a skip (a missing network, file or package) makes 'unavailable'. Everything else is
+    'error': a test that returns without judging, a ``ClaimRefuted`` raised by hand, a plain
+    ``AssertionError`` (a precondition, a bug in the harness), a HarnessError (a NaN), any
+    other exception.
+    """
     excinfo = call.excinfo
-    if hasattr(report, "wasxfail"):
-        return judged or "refuted", f"expected: {report.wasxfail}"
-    if report.passed:
-        return judged or "supported", ""
-    if report.skipped:
+    if report.skipped and (excinfo is None or not excinfo.errisinstance(ClaimVerdict)):
         longrepr = report.longrepr
         reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
-        return "unavailable", reason.removeprefix("Skipped: ")
-    if excinfo is not None and excinfo.errisinstance(ClaimInconclusive):
-        return "inconclusive", str(excinfo.value)
-    if excinfo is not None and excinfo.errisinstance(AssertionError):
-        return "refuted", str(excinfo.value).splitlines()[0] if str(excinfo.value) else ""
-    if judged:  # strict XPASS: the claim flipped from its recorded verdict
-        return judged, "differs from the verdict recorded in the registry (strict xfail passed)"
-    return "error", (excinfo.exconly().splitlines()[0] if excinfo else str(report.longrepr))[:300]
+        return "unavailable", reason.removeprefix("Skipped: "), None
+    if excinfo is None:
+        if ev is not None and ev.verdict == "supported":
+            return "supported", "", None
+        if ev is not None and ev.verdict is not None:
+            return "error", (f"the claim test judged {ev.verdict} and then passed: it caught "
+                             "its own verdict"), None
+        return "error", NO_JUDGE, None
+    if excinfo.errisinstance(ClaimVerdict):
+        exc = excinfo.value
+        if ev is None or (ev.verdict, ev.code) != (exc.verdict, exc.code):
+            return "error", (f"{type(exc).__name__} raised by hand, not by evidence.judge() or "
+                             f"evidence.inconclusive(): {exc}")[:300], None
+        return exc.verdict, str(exc), exc.code
+    return "error", excinfo.exconly().splitlines()[0][:300], None
+
+
+def _settle(report: pytest.TestReport, cid: str, subject_id: str, verdict: str, reason: str,
+            code: str | None, expected: Expected | None) -> bool:
+    """Set the report's outcome from the verdict and the recorded expectation; True when the
+    verdict is the expected one.
+
+    An error always fails. A verdict equal to the recorded one (inconclusive: with its code)
+    passes when supported and shows as xfailed otherwise; any other verdict that differs from a
+    record fails and says both; with no record, only 'supported' passes."""
+    if verdict == "error":
+        if not report.failed:
+            report.outcome, report.longrepr = "failed", f"harness error: {reason}"
+        return False
+    if verdict == "unavailable":
+        return False
+    measured = Expected(verdict, code)
+    if expected is None:
+        return False
+    if measured == expected:
+        if verdict != "supported":
+            report.outcome = "skipped"  # how pytest itself reports an expected failure (xfail)
+            report.wasxfail = f"{cid} recorded as {expected} on {subject_id} in the registry"
+        return True
+    report.outcome = "failed"
+    report.longrepr = (f"{cid} on {subject_id}: measured {measured}, the registry records "
+                       f"{expected}: the verdict changed (review it and record the new one). "
+                       f"{reason}").rstrip()
+    return False
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -486,11 +527,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         record = ev.to_record() if ev else {"id": cid, "title": state.registry[cid].title,
                                             "statement": state.registry[cid].statement,
                                             "statistics": {}, "notes": []}
-        verdict, reason = _verdict(item, call, report, ev)
+        verdict, reason, code = _verdict(call, report, ev)
+        expected = item.stash.get(EXPECTED, None)
+        matched = _settle(report, cid, state.spec.id, verdict, reason, code, expected)
         record.update(
             verdict=verdict,
             reason=reason,
-            expected=hasattr(report, "wasxfail"),
+            reason_code=code,
+            expected=matched,
+            expected_verdict=None if expected is None else str(expected),
             test=item.name,
             nodeid=item.nodeid,
             outcome=report.outcome,

@@ -18,6 +18,21 @@ import yaml
 SCHEMA_VERSION = 1
 VERDICTS = ("supported", "refuted", "inconclusive", "unavailable")
 DIRECTIONS = ("above", "below", "between")
+INCONCLUSIVE_CODES = {
+    "interval": "the headline's interval straddles the threshold",
+    "seed-unstable": "the verdict differs between SAE training seeds (harness.seed_spread)",
+    "too-few-texts": "a category has fewer texts than the claim needs",
+    "missing-category": "the texts lack a category the claim is about",
+    "too-few-units": "too few features, neurons or tokens qualify to compute the statistic",
+    "no-specialists": "no specialist feature at any depth: nothing to inspect",
+    "below-detection-bound": "the measuring instrument is too weak to decide (e.g. an SAE "
+                             "below the detector's bound)",
+    "not-applicable": "the claim's definition cannot apply to this subject (e.g. its relative "
+                      "depths collapse onto too few layers)",
+}
+"""Why a claim ended inconclusive: every ``ClaimInconclusive`` carries one of these codes, and
+an expected inconclusive in the registry names the code it expects (``inconclusive/interval``),
+so an early exit does not satisfy an expected interval."""
 ID_PATTERN = re.compile(r"^[A-Z][0-9]+$")
 FAMILIES = {
     "H": "hook math",
@@ -89,6 +104,34 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class Expected:
+    """A verdict measured and reviewed for one subject (and test variant)."""
+
+    verdict: str
+    code: str | None = None
+    """For 'inconclusive': the INCONCLUSIVE_CODES key it must end with; None otherwise."""
+
+    @classmethod
+    def parse(cls, text: str, where: str) -> Expected:
+        """``VERDICT`` or ``inconclusive/CODE``."""
+        verdict, _, code = str(text).partition("/")
+        if verdict not in VERDICTS:
+            raise RegistryError(f"{where}: expected verdict {text!r}: {verdict!r} not in {VERDICTS}")
+        if verdict == "inconclusive":
+            if code not in INCONCLUSIVE_CODES:
+                raise RegistryError(
+                    f"{where}: expected {text!r}: an expected inconclusive names its reason, "
+                    f"inconclusive/CODE with CODE one of {sorted(INCONCLUSIVE_CODES)}")
+            return cls(verdict, code)
+        if code:
+            raise RegistryError(f"{where}: expected {text!r}: only inconclusive takes a /CODE")
+        return cls(verdict)
+
+    def __str__(self) -> str:
+        return f"{self.verdict}/{self.code}" if self.code else self.verdict
+
+
+@dataclass(frozen=True)
 class Claim:
     """One claim of CLAIMS.md."""
 
@@ -100,12 +143,12 @@ class Claim:
     definition: str
     decision: Decision
     published: tuple[Published, ...] = ()
-    expected: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    expected: Mapping[str, Expected] = field(default_factory=lambda: MappingProxyType({}))
     """subject id (or ``subject id[test parameter id]``) -> verdict measured and reviewed for
     it; the plugin turns an expected 'refuted' or 'inconclusive' into a strict xfail."""
     notes: str = ""
 
-    def expected_verdict(self, subject_id: str, variant: str | None = None) -> str | None:
+    def expected_verdict(self, subject_id: str, variant: str | None = None) -> Expected | None:
         """The recorded verdict for ``subject_id``; a parametrized test's variant (its pytest
         parameter id, e.g. ``source-5.0``) may have its own entry ``"SUBJECT[VARIANT]"``,
         which wins over the subject-wide one."""
@@ -140,10 +183,8 @@ def _claim_from(cid: str, raw: Any, where: str) -> Claim:
         published = tuple(Published(**p) for p in raw.get("published") or ())
     except (TypeError, RegistryError) as exc:
         raise RegistryError(f"{where}: claim {cid}: {exc}") from None
-    expected = dict(raw.get("expected") or {})
-    bad = {k: v for k, v in expected.items() if v not in VERDICTS}
-    if bad:
-        raise RegistryError(f"{where}: claim {cid}: expected verdicts {bad} not in {VERDICTS}")
+    expected = {str(k): Expected.parse(v, f"{where}: claim {cid}: {k}")
+                for k, v in (raw.get("expected") or {}).items()}
     return Claim(
         id=cid,
         family=raw["family"],

@@ -103,6 +103,23 @@ def sae_depths(n_layers: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+MIN_DEPTHS_FOR_A_TREND = 3
+
+
+def depth_trend_problem(depths: Sequence[int]) -> str | None:
+    """Why a trend over ``depths`` (the layers :func:`sae_depths` gave) is not a trend, or None.
+
+    The source's four relative depths collapse onto fewer layers of a shallow subject (a
+    2-layer model: layer 1 only; 4 layers: 2 and 3), and a slope or rank correlation over
+    fewer than 3 distinct depths says nothing about "deeper"."""
+    distinct = sorted(set(depths))
+    if len(distinct) >= MIN_DEPTHS_FOR_A_TREND:
+        return None
+    return (f"the source's relative depths {SOURCE_DEPTHS} of {SOURCE_N_LAYERS} layers map onto "
+            f"layers {tuple(distinct)} of this subject: a depth trend needs at least "
+            f"{MIN_DEPTHS_FOR_A_TREND} distinct depths")
+
+
 def default_sae_specs(
     model: Any, *, resid_expansion: int = 4, mlp_expansion: int = 2, mlp_k: int = 64,
     **overrides: Any,
@@ -400,6 +417,7 @@ def load_hub_sae(
     from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
     from sae_lens.loading.pretrained_saes_directory import get_repo_id_and_folder_name
 
+    from harness.errors import unavailable_errors
     from harness.loaders import _hub_reachable
 
     try:
@@ -416,7 +434,7 @@ def load_hub_sae(
         )
     try:
         sae = SAE.from_pretrained(release, sae_id, device=device, dtype=dtype)
-    except (OSError, ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+    except unavailable_errors() as exc:  # only a missing network/file/package: the rest is an error
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise SubjectUnavailable(f"{where}: could not be loaded ({type(exc).__name__}: {first})") from None
     return LoadedSAE(sae=sae.eval(), spec=None, quality={}, origin="hub",

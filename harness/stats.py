@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats
 
+from harness.errors import HarnessError
 from harness.registry import Decision
 
 
@@ -123,11 +124,21 @@ def columnwise_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.where((denom > 0) & ~constant, np.clip(r, -1.0, 1.0), np.nan)
 
 
+def require_finite(estimate: Estimate, where: str) -> Estimate:
+    """``estimate`` unchanged, or HarnessError naming ``where`` and the non-finite fields: a
+    NaN headline is an error to locate, never a verdict (it used to read as inconclusive)."""
+    bad = [k for k in ("value", "ci_low", "ci_high") if not math.isfinite(getattr(estimate, k))]
+    if bad:
+        raise HarnessError(f"{where} = {estimate} has a non-finite {', '.join(bad)}: a NaN is "
+                           "an error to locate, never a verdict")
+    return estimate
+
+
 def decide(estimate: Estimate, decision: Decision, dtype: str) -> str:
-    """supported / refuted / inconclusive, by where the interval lies (see Decision)."""
+    """supported / refuted / inconclusive, by where the interval lies (see Decision); a
+    non-finite estimate raises HarnessError."""
+    require_finite(estimate, decision.statistic)
     lo, hi = estimate.ci_low, estimate.ci_high
-    if math.isnan(lo) or math.isnan(hi):
-        return "inconclusive"
     if decision.direction == "between":
         assert decision.bounds is not None
         b_lo, b_hi = decision.bounds

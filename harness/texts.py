@@ -17,6 +17,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,19 @@ class TextSet:
         """Sorted category ids present in this set."""
         return tuple(sorted({t.category for t in self.texts}))
 
+    def find(self, name: str) -> str | None:
+        """This set's category that a claim's ``name`` means, or None.
+
+        Category names are user input: "Social", "social", " SOCIAL " and "Social_Media" vs
+        "social media" are matched as a user means them (:func:`category_key`: case-folded,
+        with runs of spaces, '-' and '_' as one space). Two categories of one file with the
+        same key are refused when the file is loaded."""
+        key = category_key(name)
+        for c in self.categories:
+            if category_key(c) == key:
+                return c
+        return None
+
     def _select(self, split: str | None) -> Iterable[LabeledText]:
         if split is None:
             return self.texts
@@ -110,6 +124,12 @@ class TextSet:
             "n_texts": len(self.texts),
             "counts": self.counts(),
         }
+
+
+def category_key(name: str) -> str:
+    """How category names are compared: case-folded, separators (spaces, '-', '_') folded
+    into single spaces, stripped."""
+    return " ".join(re.split(r"[\s_\-]+", name.casefold())).strip()
 
 
 def _check_split_name(name: str) -> None:
@@ -187,4 +207,12 @@ def load_texts(path: Path | None = None) -> TextSet:
             texts.append(parsed)
     if not texts:
         raise TextsError(f"{path}:1: empty file (no texts)")
+    first: dict[str, LabeledText] = {}
+    for t in texts:
+        other = first.setdefault(category_key(t.category), t)
+        if other.category != t.category:
+            raise TextsError(
+                f"{path}:{t.line}: category {t.category!r} and {other.category!r} (line "
+                f"{other.line}) differ only in case or separators: claims match category names "
+                "that way, so give them one spelling")
     return TextSet(tuple(texts), _display_path(path), digest)

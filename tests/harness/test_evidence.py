@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from harness.errors import HarnessError
 from harness.evidence import (
     SCHEMA_VERSION,
     ClaimEvidence,
     ClaimInconclusive,
     ClaimRefuted,
+    ClaimVerdict,
     EvidenceWriter,
     atomic_write_text,
     render_markdown,
@@ -77,8 +79,6 @@ def test_record_rejects_a_duplicate_name(tmp_path: Path) -> None:
         (ABOVE, Estimate(0.8, 0.7, 0.9, 50, "b"), None, "supported"),
         (ABOVE, Estimate(0.2, 0.1, 0.3, 50, "b"), ClaimRefuted, "refuted"),
         (ABOVE, Estimate(0.5, 0.4, 0.6, 50, "b"), ClaimInconclusive, "inconclusive"),
-        (ABOVE, Estimate(math.nan, math.nan, math.nan, 50, "b"), ClaimInconclusive,
-         "inconclusive"),
         (Decision("r", "between", bounds=(-0.1, 0.1)), exact(0.5, 9), ClaimRefuted, "refuted"),
         (Decision("r", "below", threshold={"float32": 1e-4}), exact(1e-6, 9), None, "supported"),
     ],
@@ -98,11 +98,38 @@ def test_judge(tmp_path: Path, decision: Decision, estimate: Estimate,
     assert ev.verdict == verdict
 
 
-def test_refuted_and_inconclusive_are_assertion_errors() -> None:
-    # pytest reports them as failures (not errors), and xfail(raises=...) can target them.
-    assert issubclass(ClaimRefuted, AssertionError)
-    assert issubclass(ClaimInconclusive, AssertionError)
+def test_verdicts_are_not_assertion_errors() -> None:
+    """A plain ``assert`` in a claim test must not pass for a refutation (the plugin maps
+    AssertionError to 'error'): the verdict exceptions are their own class."""
+    assert not issubclass(ClaimRefuted, AssertionError)
+    assert not issubclass(ClaimInconclusive, AssertionError)
+    assert issubclass(ClaimRefuted, ClaimVerdict) and issubclass(ClaimInconclusive, ClaimVerdict)
     assert not issubclass(ClaimRefuted, ClaimInconclusive)
+
+
+def test_nan_headline_is_a_harness_error(tmp_path: Path) -> None:
+    ev = _evidence(tmp_path)
+    ev.record("r", Estimate(math.nan, 0.1, 0.9, 50, "b"))
+    with pytest.raises(HarnessError, match="H1 on smollm2-135m: headline r = nan .* non-finite value"):
+        ev.judge()
+    assert ev.verdict is None
+
+
+def test_inconclusive_codes(tmp_path: Path) -> None:
+    ev = _evidence(tmp_path)
+    ev.record("r", Estimate(0.5, 0.4, 0.6, 50, "b"))
+    with pytest.raises(ClaimInconclusive) as info:
+        ev.judge()
+    assert info.value.code == ev.code == "interval"
+    ev2 = _evidence(tmp_path)
+    with pytest.raises(ValueError, match="code 'interval': give one of"):
+        ev2.inconclusive("why", code="interval")  # judge's own code
+    with pytest.raises(ValueError, match="code 'nope'"):
+        ev2.inconclusive("why", code="nope")
+    with pytest.raises(ClaimInconclusive, match=r"H1 inconclusive \(too-few-texts\)") as info:
+        ev2.inconclusive("only 3 texts", code="too-few-texts")
+    assert (info.value.code, ev2.verdict, ev2.to_record()["reason_code"]) == (
+        "too-few-texts", "inconclusive", "too-few-texts")
 
 
 def test_judge_without_the_headline_statistic_raises(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from harness.subjects import (
     RAW,
     SMOLLM2_INSTALL,
     SubjectError,
+    SubjectUnavailable,
     check_device_dtype,
     parse_subject,
 )
@@ -221,3 +222,32 @@ def test_smollm2_logits_match_hf(run_state):
     assert diff < 5e-4, f"max |logit diff| {diff} (load {time.perf_counter() - start:.0f}s)"
     assert model.cfg.n_layers == 30 and model.cfg.d_model == 576 and model.cfg.d_mlp == 1536
     assert model.cfg.gated_mlp and model.cfg.normalization_type == "RMS"
+
+
+@pytest.mark.parametrize(
+    ("exc", "unavailable"),
+    [
+        (OSError("no route to host"), True),
+        (ConnectionError("offline"), True),
+        (FileNotFoundError("config.json"), True),
+        (ImportError("no module named x"), True),
+        (RuntimeError("Error(s) in loading state_dict for HookedTransformer"), False),
+        (ValueError("a TransformerLens bug"), False),
+        (KeyError("blocks.0.attn.W_Q"), False),
+    ],
+    ids=lambda x: type(x).__name__ if isinstance(x, BaseException) else str(x),
+)
+def test_only_a_missing_network_file_or_package_is_unavailable(exc, unavailable):
+    """A state-dict mismatch or a library bug in a hub load is an error, not 'unavailable'
+    (the loaders caught RuntimeError and ValueError as unavailable before)."""
+    spec = parse_subject("gpt2-small")
+
+    def boom(*args, **kwargs):
+        raise exc
+
+    if unavailable:
+        with pytest.raises(SubjectUnavailable, match=type(exc).__name__):
+            loaders._hub_call(spec, boom)
+    else:
+        with pytest.raises(type(exc)):
+            loaders._hub_call(spec, boom)

@@ -180,7 +180,7 @@ def test_refuted_inconclusive_expected_and_flipped_verdicts(pytester: pytest.Pyt
     _line_with(out, "XFAIL test_claims.py::test_expected_refutation",
                "H2 recorded as refuted on smollm2-135m")
     # An expected refutation that now passes is a failure: the flip is caught.
-    _line_with(out, "[XPASS(strict)] W1 recorded as refuted on smollm2-135m")
+    _line_with(out, "W1 on smollm2-135m: measured supported, the registry records refuted")
 
     records = _records(ev / SUBJECT / "evidence.json")
     assert set(records) == {"test_refuted", "test_inconclusive", "test_expected_refutation",
@@ -195,7 +195,7 @@ def test_refuted_inconclusive_expected_and_flipped_verdicts(pytester: pytest.Pyt
     flipped = records["test_flips_to_supported"]
     assert (flipped["verdict"], flipped["expected"], flipped["outcome"]) == (
         "supported", False, "failed")
-    assert "differs from the verdict recorded" in flipped["reason"]
+    assert flipped["expected_verdict"] == "refuted"
     broken = records["test_breaks"]
     assert (broken["verdict"], broken["reason"]) == ("error", "RuntimeError: boom")
 
@@ -204,6 +204,101 @@ def test_refuted_inconclusive_expected_and_flipped_verdicts(pytester: pytest.Pyt
             "| below 0.0001 |") in md
     assert ("| W1 | test_flips_to_supported | supported | m = 0 | exact "
             "| between [-0.1, 0.1] |") in md
+
+
+NOT_VERDICTS = """
+import math
+from harness.evidence import ClaimRefuted
+
+@pytest.mark.claim(id="H1")
+def test_never_judges(evidence):
+    evidence.record("r", Estimate(0.8, 0.7, 0.9, 50, "b"))
+
+@pytest.mark.claim(id="H1")
+def test_no_evidence_fixture():
+    pass
+
+@pytest.mark.claim(id="H1")
+def test_plain_assert(evidence):
+    evidence.record("r", Estimate(0.8, 0.7, 0.9, 50, "b"))
+    assert 1 + 1 == 3, "a precondition"
+
+@pytest.mark.claim(id="H1")
+def test_refuted_by_hand(evidence):
+    raise ClaimRefuted("H1 refuted, says the test")
+
+@pytest.mark.claim(id="H1")
+def test_swallows_its_verdict(evidence):
+    evidence.record("r", Estimate(0.2, 0.1, 0.3, 50, "b"))
+    try:
+        evidence.judge()
+    except ClaimRefuted:
+        pass
+
+@pytest.mark.claim(id="H1")
+def test_nan_headline(evidence):
+    evidence.record("r", Estimate(math.nan, 0.7, 0.9, 50, "b"))
+    evidence.judge()
+
+@pytest.mark.claim(id="H1")
+def test_nan_interval(evidence):
+    evidence.record("r", Estimate(0.8, math.nan, math.nan, 50, "b"))
+    evidence.judge()
+"""
+
+
+def test_only_judge_makes_a_verdict(pytester: pytest.Pytester) -> None:
+    """Judge-less tests, plain asserts, verdicts raised by hand or swallowed, and NaN
+    headlines are harness errors: the run fails and the record says 'error', never a verdict
+    (before: supported, refuted, refuted, refuted, supported, inconclusive, inconclusive)."""
+    _project(pytester, NOT_VERDICTS)
+    ev = pytester.path / "ev"
+    result = _run(pytester, f"--evidence-dir={ev}")
+    result.assert_outcomes(failed=7)
+    records = _records(ev / SUBJECT / "evidence.json")
+    assert {name: r["verdict"] for name, r in records.items()} == dict.fromkeys(records, "error")
+    assert len(records) == 7
+    assert "never called evidence.judge()" in records["test_never_judges"]["reason"]
+    assert "never called evidence.judge()" in records["test_no_evidence_fixture"]["reason"]
+    assert records["test_plain_assert"]["reason"] == "AssertionError: a precondition"
+    assert "raised by hand" in records["test_refuted_by_hand"]["reason"]
+    assert "judged refuted and then passed" in records["test_swallows_its_verdict"]["reason"]
+    for name in ("test_nan_headline", "test_nan_interval"):
+        assert "HarnessError: H1 on smollm2-135m: headline r" in records[name]["reason"], name
+        assert "non-finite" in records[name]["reason"]
+    _line_with(result.outlines, "harness error: the claim test ended without a verdict")
+
+
+CODES = """
+@pytest.mark.claim(id="H2")
+def test_interval(evidence):
+    evidence.record("err", Estimate(1e-4, 1e-5, 1e-3, 9, "b"))
+    evidence.judge()
+
+@pytest.mark.claim(id="H2")
+def test_early_exit(evidence):
+    evidence.inconclusive("too few of something", code="too-few-units")
+"""
+
+
+def test_an_expected_inconclusive_needs_its_reason_code(pytester: pytest.Pytester) -> None:
+    """An early exit ('too few units') does not satisfy an expected inconclusive of the
+    interval kind, and the reason code is in the record."""
+    registry = REGISTRY.replace("    expected: {smollm2-135m: refuted}\n",
+                                "    expected: {smollm2-135m: inconclusive/interval}\n", 1)
+    _project(pytester, CODES, registry=registry)
+    ev = pytester.path / "ev"
+    result = _run(pytester, f"--evidence-dir={ev}", "-rA")
+    result.assert_outcomes(xfailed=1, failed=1)
+    records = _records(ev / SUBJECT / "evidence.json")
+    assert (records["test_interval"]["reason_code"], records["test_interval"]["expected"]) == (
+        "interval", True)
+    early = records["test_early_exit"]
+    assert (early["verdict"], early["reason_code"], early["expected"]) == (
+        "inconclusive", "too-few-units", False)
+    _line_with(result.outlines, "measured inconclusive/too-few-units, the registry records "
+               "inconclusive/interval")
+
 
 
 # --- usage errors (in process) ------------------------------------------------------------
@@ -251,8 +346,11 @@ def _marked(marker: str) -> str:
                      [], ("claim W1: unknown keys ['tolerance'], missing keys []",),
                      id="registry-unknown-key"),
         pytest.param(VALID_TEST, ("{smollm2-135m: refuted}", "{smollm2-135m: passes}"), [],
-                     ("claim H2: expected verdicts {'smollm2-135m': 'passes'} not in (",),
+                     ("claim H2: smollm2-135m: expected verdict 'passes': 'passes' not in (",),
                      id="registry-bad-verdict"),
+        pytest.param(VALID_TEST, ("{smollm2-135m: refuted}", "{smollm2-135m: inconclusive}"), [],
+                     ("claim H2: smollm2-135m: expected 'inconclusive': an expected inconclusive "
+                      "names its reason",), id="registry-inconclusive-without-code"),
         pytest.param(VALID_TEST, ("direction: above", "direction: upward"), [],
                      ("claim H1: direction must be one of", "not 'upward'"),
                      id="registry-bad-direction"),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.registry import Claim, Decision, Published, Registry, RegistryError
+from harness.registry import Claim, Decision, Expected, Published, Registry, RegistryError
 
 GOOD = """\
 schema_version: 1
@@ -26,7 +26,7 @@ claims:
       threshold: {float32: 1.0e-4, float64: 1.0e-10}
     published:
       - {quantity: max err, value: 0.0, subject: gpt2-small L8, provenance: paper table 1}
-    expected: {smollm2-135m: refuted, 'smollm2-135m[scale-free]': inconclusive}
+    expected: {smollm2-135m: refuted, 'smollm2-135m[scale-free]': inconclusive/interval}
   W1:
     family: W
     title: a range
@@ -75,8 +75,9 @@ def test_real_registry_published_numbers_carry_provenance(real: Registry) -> Non
 
 def test_real_registry_expected_verdicts_are_verdicts(real: Registry) -> None:
     for claim in real.claims.values():
-        assert set(claim.expected.values()) <= {"supported", "refuted", "inconclusive",
-                                                "unavailable"}
+        for e in claim.expected.values():
+            assert e.verdict in {"supported", "refuted", "inconclusive", "unavailable"}
+            assert (e.code is not None) == (e.verdict == "inconclusive")
 
 
 def test_good_registry_loads_into_frozen_objects(tmp_path: Path) -> None:
@@ -86,10 +87,10 @@ def test_good_registry_loads_into_frozen_objects(tmp_path: Path) -> None:
     assert h1.statement == "The two things are equal."  # folded and whitespace-normalised
     assert h1.decision.threshold_for("float64") == 1e-10
     assert h1.published == (Published("max err", 0.0, "gpt2-small L8", "paper table 1"),)
-    assert h1.expected_verdict("smollm2-135m") == "refuted"
+    assert h1.expected_verdict("smollm2-135m") == Expected("refuted")
     assert h1.expected_verdict("gpt2-small") is None
-    assert h1.expected_verdict("smollm2-135m", "source-5.0") == "refuted"  # falls back to the subject
-    assert h1.expected_verdict("smollm2-135m", "scale-free") == "inconclusive"  # a variant's own entry
+    assert h1.expected_verdict("smollm2-135m", "source-5.0") == Expected("refuted")  # falls back to the subject
+    assert h1.expected_verdict("smollm2-135m", "scale-free") == Expected("inconclusive", "interval")
     assert h1.expected_verdict("gpt2-small", "scale-free") is None
     assert reg["W1"].decision.bounds == (-0.1, 0.1)
     with pytest.raises(AttributeError):
@@ -125,7 +126,11 @@ def test_threshold_for_a_missing_dtype_raises(tmp_path: Path) -> None:
                      id="unknown-family"),
         pytest.param("  W1:\n", "  w1:\n", "not of the form", id="bad-id"),
         pytest.param("{smollm2-135m: refuted,", "{smollm2-135m: wrong,",
-                     "expected verdicts {'smollm2-135m': 'wrong'}", id="bad-verdict"),
+                     "smollm2-135m: expected verdict 'wrong'", id="bad-verdict"),
+        pytest.param("{smollm2-135m: refuted,", "{smollm2-135m: refuted/interval,",
+                     "only inconclusive takes a /CODE", id="code-on-refuted"),
+        pytest.param("inconclusive/interval}", "inconclusive/because}",
+                     "inconclusive/CODE with CODE one of", id="unknown-code"),
         pytest.param("direction: below", "direction: sideways",
                      "claim H1: direction must be one of",
                      id="bad-direction"),

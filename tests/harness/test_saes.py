@@ -323,3 +323,17 @@ def test_subject_saes_takes_the_sources_hub_saes_and_trains_only_the_rest(subjec
     monkeypatch.setattr(saes_mod, "load_hub_sae", offline)
     with pytest.raises(SubjectUnavailable, match="unreachable"):
         sae_train.subject_saes(ContentCache(tmp_path), subject, corpus)
+
+
+@pytest.mark.parametrize(("n_layers", "applies"), [(1, False), (2, False), (4, False), (6, True),
+                                                   (12, True), (30, True)])
+def test_depth_trends_need_three_depths(n_layers: int, applies: bool) -> None:
+    """S2-S4 on a shallow subject end inconclusive/not-applicable with this reason (they used
+    to come out inconclusive with estimate NaN [nan, nan] on a 2-layer checkpoint)."""
+    from harness.saes import depth_trend_problem, sae_depths
+
+    problem = depth_trend_problem(sae_depths(n_layers))
+    assert (problem is None) == applies, (n_layers, sae_depths(n_layers), problem)
+    if not applies:
+        assert "a depth trend needs at least 3 distinct depths" in problem
+        assert str(tuple(sorted(set(sae_depths(n_layers))))) in problem

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy import stats as scipy_stats
 
+from harness.errors import HarnessError
 from harness.registry import Decision, RegistryError
 from harness.stats import (
     Estimate,
@@ -215,6 +217,11 @@ def test_decide_uses_the_dtype_threshold_and_raises_for_a_missing_one() -> None:
 
 
 @pytest.mark.parametrize("decision", [ABOVE, BELOW, BETWEEN])
-def test_decide_nan_is_inconclusive(decision: Decision) -> None:
-    nan = Estimate(math.nan, math.nan, math.nan, 5, "pearson-fisher-z")
-    assert decide(nan, decision, "float32") == "inconclusive"
+@pytest.mark.parametrize("fields", [("value",), ("ci_low", "ci_high"), ("value", "ci_low", "ci_high"),
+                                    ("ci_high",)])
+def test_decide_refuses_a_nan(decision: Decision, fields: tuple[str, ...]) -> None:
+    """A NaN anywhere in the estimate is an error naming the statistic (it used to read as
+    inconclusive, and a NaN point estimate with a finite interval used to decide)."""
+    est = dataclasses.replace(Estimate(0.5, 0.4, 0.6, 5, "b"), **dict.fromkeys(fields, math.nan))
+    with pytest.raises(HarnessError, match=f"{decision.statistic} = .* non-finite {', '.join(fields)}"):
+        decide(est, decision, "float32")

@@ -13,7 +13,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.texts import DEFAULT_PATH, SPLITS, LabeledText, TextsError, TextSet, load_texts
+from harness.texts import (
+    DEFAULT_PATH,
+    SPLITS,
+    LabeledText,
+    TextsError,
+    TextSet,
+    category_key,
+    load_texts,
+)
 
 CATEGORIES = ("conversational", "formal", "math", "non_english", "python", "social", "web")
 # Scripts written without spaces: about two characters per word.
@@ -193,7 +201,8 @@ def test_require_names_short_categories(tmp_path):
 non_blank = st.text(min_size=1, max_size=60).filter(lambda s: bool(s.strip()))
 rows_strategy = st.lists(
     st.tuples(non_blank, non_blank, st.sampled_from((None, *SPLITS))), min_size=1, max_size=12
-)
+).filter(  # categories differing only in case or separators are refused (tested above)
+    lambda rows: len({category_key(c) for c, _, _ in rows}) == len({c for c, _, _ in rows}))
 
 
 @settings(max_examples=60, deadline=None)
@@ -214,3 +223,28 @@ def test_jsonl_round_trip(rows, ascii_only, newline):
         LabeledText(c, t, s or "train", i) for i, (c, t, s) in enumerate(rows, 1)
     )
     assert ts.categories == tuple(sorted({c for c, _, _ in rows}))
+
+
+def test_category_names_match_as_a_user_means_them(tmp_path) -> None:
+    """A user's "Social" / "Conversational" are the claims' social / conversational (S6
+    reported them missing before)."""
+    path = tmp_path / "t.jsonl"
+    rows = [{"category": c, "text": f"text {i}"} for i, c in
+            enumerate(["Social", "Conversational", " Python ", "Social_Media", "web-links"])]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    ts = load_texts(path)
+    assert ts.find("social") == "Social"
+    assert ts.find("CONVERSATIONAL") == "Conversational"
+    assert ts.find("python") == " Python "
+    assert ts.find("social media") == "Social_Media"
+    assert ts.find("web_links") == "web-links"
+    assert ts.find("soc") is None and ts.find("maths") is None
+    assert category_key("  A-b__C d ") == "a b c d"
+
+
+def test_categories_that_differ_only_in_case_are_refused(tmp_path) -> None:
+    path = tmp_path / "t.jsonl"
+    rows = [{"category": "social", "text": "a"}, {"category": "Social", "text": "b"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    with pytest.raises(TextsError, match=r"t.jsonl:2: category 'Social' and 'social' \(line 1\) differ only"):
+        load_texts(path)
