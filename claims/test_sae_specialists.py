@@ -230,7 +230,7 @@ def _spearman(depths, counts) -> float:
 
 @pytest.mark.claim(id="S2")
 @pytest.mark.parametrize("kind", THRESHOLDS)
-def test_deeper_layers_have_more_specialists(saes, s_data, texts, kind, evidence, rng):
+def test_deeper_layers_have_more_specialists(saes, s_data, texts, kind, claim, evidence, rng):
     _require_texts(texts, evidence)
     _require_depths(s_data, evidence)
     counts = _counts(s_data, kind)
@@ -244,7 +244,8 @@ def test_deeper_layers_have_more_specialists(saes, s_data, texts, kind, evidence
                     counts=counts, non_decreasing=bool(all(np.diff(counts) >= 0)),
                     boot_share_constant=float(np.mean(boots == 0.0)), per_category=per_cat)
     evidence.note(f"specialists per depth {dict(zip(s_data.depths, counts, strict=True))} "
-                  f"(non-decreasing: {all(np.diff(counts) >= 0)}); source (gpt2-small): 5/6/7/7")
+                  f"(non-decreasing: {all(np.diff(counts) >= 0)}); source (gpt2-small): "
+                  f"{_published_series(claim, 'specialists (masked)')}")
     _figure_heatmap(evidence, s_data, per_cat, kind)
     evidence.judge()
 
@@ -277,8 +278,13 @@ def _slope(y) -> float:
     return float(np.dot(x, y - y[0]) / np.dot(x, x))  # y - y[0] is exactly 0 where y is constant
 
 
+def _published_series(claim, quantity: str) -> str:
+    """The source's per-depth numbers for a note, from the registry."""
+    return "/".join(f"{p.value:g}" for p in claim.published_values(quantity))
+
+
 @pytest.mark.claim(id="S3")
-def test_most_frequent_feature_coverage_falls_with_depth(saes, s_data, texts, evidence, rng):
+def test_most_frequent_feature_coverage_falls_with_depth(saes, s_data, texts, claim, evidence, rng):
     _require_texts(texts, evidence)
     _require_depths(s_data, evidence)
 
@@ -298,12 +304,13 @@ def test_most_frequent_feature_coverage_falls_with_depth(saes, s_data, texts, ev
     evidence.record("coverage_slope", _estimate(slope([c for _, c in cov]), boots, n_texts),
                     description=f"slope of most-frequent-feature coverage per depth step over depths {s_data.depths}",
                     coverage={d: {"feature": f, "coverage": c} for d, (f, c) in zip(s_data.depths, cov, strict=True)})
-    evidence.note(f"coverage per depth: {[round(c, 3) for _, c in cov]} (source: 0.514/0.457/0.400/0.300)")
+    evidence.note(f"coverage per depth: {[round(c, 3) for _, c in cov]} (source: "
+                  f"{_published_series(claim, 'most-frequent feature coverage')})")
     evidence.judge()
 
 
 @pytest.mark.claim(id="S4")
-def test_peak_activation_grows_with_depth(saes, s_data, texts, evidence, rng):
+def test_peak_activation_grows_with_depth(saes, s_data, texts, claim, evidence, rng):
     _require_texts(texts, evidence)
     _require_depths(s_data, evidence)
 
@@ -317,7 +324,7 @@ def test_peak_activation_grows_with_depth(saes, s_data, texts, evidence, rng):
                     description=f"slope of log peak pooled code per depth step over depths {s_data.depths}",
                     peaks=dict(zip(s_data.depths, peaks.tolist(), strict=True)))
     evidence.note(f"peak pooled code per depth: {[round(float(p), 2) for p in peaks]} "
-                  "(source: 12.89/22.60/27.99/37.03)")
+                  f"(source: {_published_series(claim, 'strongest max activation')})")
     evidence.judge()
 
 

@@ -148,6 +148,23 @@ class Claim:
     it; the plugin turns an expected 'refuted' or 'inconclusive' into a strict xfail."""
     notes: str = ""
 
+    def published_values(self, quantity: str) -> tuple[Published, ...]:
+        """The published numbers for ``quantity`` (exact text, in registry order): the one way
+        a claim test reads a source's number. Raises when the registry holds none."""
+        found = tuple(p for p in self.published if p.quantity == quantity)
+        if not found:
+            raise RegistryError(
+                f"claim {self.id}: no published quantity {quantity!r} (the registry has "
+                f"{sorted({p.quantity for p in self.published})})")
+        return found
+
+    def published_value(self, quantity: str) -> Published:
+        """The single published number for ``quantity``; raises unless there is exactly one."""
+        found = self.published_values(quantity)
+        if len(found) != 1:
+            raise RegistryError(f"claim {self.id}: {len(found)} published values for {quantity!r}")
+        return found[0]
+
     def expected_verdict(self, subject_id: str, variant: str | None = None) -> Expected | None:
         """The recorded verdict for ``subject_id``; a parametrized test's variant (its pytest
         parameter id, e.g. ``source-5.0``) may have its own entry ``"SUBJECT[VARIANT]"``,

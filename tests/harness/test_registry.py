@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -180,3 +181,32 @@ def test_yaml_merge_keys_may_be_overridden(tmp_path: Path) -> None:
         "      statistic: mean_r",
     )
     assert Registry.load(_write(tmp_path, text))["W1"].decision.statistic == "mean_r"
+
+
+def test_published_numbers_live_only_in_the_registry(real: Registry) -> None:
+    """No claim module spells a published number (``published = 0.9112`` and the notes'
+    "source: 12.89/22.60/..." did): they are read through Claim.published_value(s)."""
+    root = Path(__file__).resolve().parents[2] / "claims"
+    sources = {p.name: p.read_text(encoding="utf-8") for p in root.glob("*.py")}
+    found = []
+    for claim in real.claims.values():
+        for p in claim.published:
+            if len(f"{p.value:g}".replace("-", "").replace(".", "").lstrip("0")) < 3:
+                continue  # 0, 5, 0.25, 0.3: too common to attribute to a source
+            spellings = {repr(float(p.value)), f"{p.value:g}", f"{100 * p.value:.2f}".rstrip("0")}
+            for name, text in sources.items():
+                for s in spellings:
+                    if re.search(rf"(?<![\w.]){re.escape(s)}(?![\w])", text):
+                        found.append((claim.id, p.quantity, s, name))
+    assert not found, found
+
+
+def test_published_value_lookup(real: Registry) -> None:
+    r2 = real["R2"]
+    assert r2.published_value("reconstruction accuracy").value == 0.9112
+    with pytest.raises(RegistryError, match="no published quantity 'accuracy'"):
+        r2.published_value("accuracy")
+    with pytest.raises(RegistryError, match="4 published values"):
+        real["S3"].published_value("most-frequent feature coverage")
+    assert [p.value for p in real["S3"].published_values("most-frequent feature coverage")] == [
+        0.514, 0.457, 0.4, 0.3]
