@@ -16,6 +16,7 @@ import math
 import os
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,12 @@ from typing import Any
 from harness.registry import INCONCLUSIVE_CODES, Claim
 from harness.stats import Estimate, decide, require_finite
 
-SCHEMA_VERSION = "1.1"
-"""1.1: top-level ``timings`` (additive; a 1.0 reader ignores it)."""
+SCHEMA_VERSION = "1.2"
+"""1.1: top-level ``timings``. 1.2: per claim ``run`` (commit and time of the run that measured
+it: a subset run keeps the other claims' records), ``reason_code``, ``expected_verdict``
+(additive; a 1.0 reader ignores them)."""
+READABLE_SCHEMAS = ("1.1", "1.2")
+"""Reports whose claim records a run keeps and updates (older ones are set aside)."""
 IMAGE_SUFFIXES = (".png", ".svg", ".jpg", ".jpeg", ".gif")
 """Listed files the Markdown embeds as images; any other attachment is rendered as a link."""
 
@@ -211,6 +216,26 @@ class ClaimEvidence:
         )
 
 
+DEFAULT_RUN = {"dtype": "float32", "seed": 0}
+
+
+def run_dir_name(subject_id: str, *, dtype: str = "float32", seed: int = 0,
+                 sae_seed: int | None = None, texts_sha256: str | None = None) -> str:
+    """The report directory of a run under ``--evidence-dir``: the subject id for the default
+    run (float32, seed 0, the default SAE seed, the project's texts), else
+    ``SUBJECT@DTYPE-seedN[-saeK][-textsSHA8]``, so runs that differ in any of them do not
+    overwrite each other's evidence."""
+    if dtype == DEFAULT_RUN["dtype"] and seed == DEFAULT_RUN["seed"] and sae_seed is None \
+            and texts_sha256 is None:
+        return subject_id
+    name = f"{subject_id}@{dtype}-seed{seed}"
+    if sae_seed is not None:
+        name += f"-sae{sae_seed}"
+    if texts_sha256 is not None:
+        name += f"-texts{texts_sha256[:8]}"
+    return name
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temporary file in the same directory and os.replace: never half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -240,13 +265,20 @@ def headline(record: dict) -> tuple[str, str, str]:
     return "", "", ""
 
 
-def summary_rows(records: list[dict]) -> list[list[str]]:
+def _earlier(record: dict, run: dict | None) -> bool:
+    """Whether a record was measured by an earlier run than ``run`` (a kept record)."""
+    return run is not None and record.get("run") is not None and record["run"] != run
+
+
+def summary_rows(records: list[dict], run: dict | None = None) -> list[list[str]]:
     rows = []
     for r in records:
         stat, ci, thr = headline(r)
         verdict = r.get("verdict") or "?"
         if r.get("expected"):
             verdict += " (expected)"
+        if _earlier(r, run):
+            verdict += f" (earlier run, {str(r['run'].get('commit'))[:8]})"
         rows.append([r["id"], r.get("test", ""), verdict, stat, ci, thr])
     return rows
 
@@ -309,7 +341,7 @@ def render_markdown(doc: dict) -> str:
         f"dtype {prov.get('dtype')}; seed {prov.get('seed')}; "
         f"weights sha256 {str(subj.get('weight_hash', '?'))[:16]}",
         "",
-        markdown_table(SUMMARY_HEADER, summary_rows(doc["claims"])),
+        markdown_table(SUMMARY_HEADER, summary_rows(doc["claims"], doc.get("run"))),
         "",
     ]
     saes = sae_rows(doc["claims"])
@@ -327,6 +359,11 @@ def render_markdown(doc: dict) -> str:
             out += [f"Claim: {r['statement']}", ""]
         if r.get("reason"):
             out += [f"Reason: {r['reason']}", ""]
+        if r.get("run"):
+            run = r["run"]
+            out += [f"Run: commit {run.get('commit')}{' (dirty)' if run.get('dirty') else ''}, "
+                    f"started {run.get('started')}"
+                    f"{' (kept from an earlier run)' if _earlier(r, doc.get('run')) else ''}", ""]
         stats_rows = []
         for name, s in r.get("statistics", {}).items():
             e = s["estimate"]
@@ -348,14 +385,43 @@ def render_markdown(doc: dict) -> str:
 
 
 class EvidenceWriter:
-    """Accumulates claim records for one subject and rewrites the report after each one."""
+    """The report of one run directory: claim records, rewritten after each one.
+
+    A run updates the claims it runs and keeps every other record already in the directory
+    (``-k family-S`` no longer wipes family H's evidence): records are keyed by pytest node
+    id, and each carries the ``run`` (commit, dirty, start time) that measured it. A report
+    this code cannot read (another schema, another subject, broken JSON) is renamed to
+    ``evidence.json.unreadable-<time>`` and a fresh one started, never silently merged.
+    """
 
     def __init__(self, directory: Path, subject_id: str, provenance: dict) -> None:
         self.directory = directory
         self.subject_id = subject_id
         self.provenance = provenance
-        self.records: list[dict] = []
+        git = provenance.get("git") or {}
+        self.run = {"id": uuid.uuid4().hex[:12], "commit": git.get("commit"), "dirty": git.get("dirty"),
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self.timings: dict | None = None
+        self.set_aside: Path | None = None
+        self.records: list[dict] = self._previous()
+        self.kept = len(self.records)
+        """Records of earlier runs found at start (some may be replaced by this run)."""
+
+    def _previous(self) -> list[dict]:
+        path = self.json_path
+        if not path.exists():
+            return []
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            ok = (isinstance(doc, dict) and doc.get("schema_version") in READABLE_SCHEMAS
+                  and doc.get("subject_id") == self.subject_id and isinstance(doc.get("claims"), list))
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            self.set_aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
+            os.replace(path, self.set_aside)
+            return []
+        return [r for r in doc["claims"] if isinstance(r, dict) and r.get("nodeid")]
 
     @property
     def json_path(self) -> Path:
@@ -369,7 +435,14 @@ class EvidenceWriter:
         for name, value in (record.get("inputs") or {}).items():
             # First seen wins; a later claim on different inputs is visible in its own record.
             self.provenance.setdefault(name, value)
-        self.records.append(record)
+        record = {**record, "run": self.run}
+        key = record.get("nodeid")
+        for i, old in enumerate(self.records):
+            if key is not None and old.get("nodeid") == key:
+                self.records[i] = record
+                break
+        else:
+            self.records.append(record)
         self.flush()
 
     def set_timings(self, timings: dict) -> None:
@@ -382,6 +455,7 @@ class EvidenceWriter:
             "schema_version": SCHEMA_VERSION,
             "subject_id": self.subject_id,
             "provenance": self.provenance,
+            "run": self.run,
             "claims": self.records,
             "timings": self.timings,
         }

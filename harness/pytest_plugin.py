@@ -32,6 +32,7 @@ from harness.evidence import (
     ClaimEvidence,
     ClaimVerdict,
     EvidenceWriter,
+    run_dir_name,
     summary_rows,
     timing_rows,
     timing_total,
@@ -117,6 +118,14 @@ class RunState:
     store: SubjectStore = field(default_factory=SubjectStore)
     recorder: stages.StageRecorder = field(default_factory=stages.StageRecorder)
     """This process's session recorder (made current for the session by pytest_configure)."""
+
+    @property
+    def run_dir(self) -> Path:
+        """Where this run's report goes: one directory per (subject, dtype, seed, SAE seed,
+        texts), so runs that differ in any of them never overwrite each other."""
+        return self.evidence_dir / run_dir_name(
+            self.spec.id, dtype=self.spec.dtype, seed=self.seed, sae_seed=self.sae_seed,
+            texts_sha256=self.texts.sha256 if self.user_texts else None)
 
 
 STATE = pytest.StashKey[RunState]()
@@ -205,12 +214,11 @@ def pytest_configure(config: pytest.Config) -> None:
         sae_seed=opt.sae_seed,
         spreads=spreads,
     )
-    evidence_dir = state.evidence_dir
     config.stash[STATE] = state
     config.stash[PREVIOUS_RECORDER] = stages.activate(state.recorder)
     if not _is_worker(config):
         prov = run_provenance(config.rootpath, device=opt.device, dtype=opt.dtype, seed=opt.seed)
-        writer = EvidenceWriter(evidence_dir / spec.id, spec.id, prov)
+        writer = EvidenceWriter(state.run_dir, spec.id, prov)
         reporter = EvidenceReporter(writer, stages.StageTally(state.recorder),
                                     install_seconds=stages.install_seconds_from_env())
         config.pluginmanager.register(reporter, "interp-claims-evidence")
@@ -390,7 +398,7 @@ def evidence(request: pytest.FixtureRequest, claim, run_state: RunState) -> Iter
         claim=claim,
         subject_id=run_state.spec.id,
         dtype=run_state.spec.dtype,
-        figure_dir=run_state.evidence_dir / run_state.spec.id / "figures",
+        figure_dir=run_state.run_dir / "figures",
     )
     for name in ("subject", "corpus", "texts", "saes"):
         if name in request.fixturenames:
@@ -583,7 +591,13 @@ class EvidenceReporter:
         tr = terminalreporter
         if self.writer.records:
             tr.section(f"claims on {self.writer.subject_id}")
-            _write_table(tr, SUMMARY_HEADER, summary_rows(self.writer.records))
+            mine = [r for r in self.writer.records if r.get("run") == self.writer.run]
+            _write_table(tr, SUMMARY_HEADER, summary_rows(mine))
+            if len(mine) < len(self.writer.records):
+                tr.write_line(f"(the report also keeps {len(self.writer.records) - len(mine)} claim "
+                              "record(s) of earlier runs in this directory, marked 'earlier run')")
+            if self.writer.set_aside is not None:
+                tr.write_line(f"an unreadable earlier report was set aside as {self.writer.set_aside}")
             tr.write_line(f"evidence: {self.writer.json_path}  {self.writer.md_path}")
         if self.timings is not None:
             timings = self.timings.to_dict()

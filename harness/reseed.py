@@ -27,6 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+from harness.evidence import run_dir_name
+from harness.subjects import parse_subject
+
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = "family-S or family-R"
 
@@ -58,7 +61,7 @@ def run_seed(subject: str, seed: int, evidence_dir: Path, cache_dir: Path,
            f"--sae-seed={seed}", f"--evidence-dir={out}", f"--cache-dir={cache_dir}",
            "-p", "no:cacheprovider", "-q", *extra]
     rc = subprocess.run(cmd, cwd=ROOT).returncode
-    return rc, out / subject / "evidence.json"
+    return rc, out / run_dir_name(parse_subject(subject).id, sae_seed=seed) / "evidence.json"
 
 
 def _key(record: dict) -> str:

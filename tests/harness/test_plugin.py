@@ -114,9 +114,10 @@ def test_supported_claim_passes_and_writes_the_report(pytester: pytest.Pytester)
     _line_with(out, f"claims on {SUBJECT}")
     _line_with(out, "claim", "test", "verdict", "headline statistic", "95% CI", "threshold")
     _line_with(out, "H1", "test_big", "supported", "r = 0.8", "[0.7, 0.9]", "above 0.5")
-    _line_with(out, f"evidence: {ev / SUBJECT / 'evidence.json'}")
+    run_dir = ev / f"{SUBJECT}@float64-seed3"  # not the default run: its own directory
+    _line_with(out, f"evidence: {run_dir / 'evidence.json'}")
 
-    doc = json.loads((ev / SUBJECT / "evidence.json").read_text())
+    doc = json.loads((run_dir / "evidence.json").read_text())
     assert doc["schema_version"] == SCHEMA_VERSION and doc["subject_id"] == SUBJECT
     prov = doc["provenance"]
     assert {"commit", "dirty"} <= set(prov["git"])
@@ -133,7 +134,7 @@ def test_supported_claim_passes_and_writes_the_report(pytester: pytest.Pytester)
     assert record["expected"] is False and record["outcome"] == "passed"
     assert record["duration_s"] >= 0
 
-    md = (ev / SUBJECT / "evidence.md").read_text()
+    md = (run_dir / "evidence.md").read_text()
     assert "| claim | test | verdict | headline statistic | 95% CI | threshold |" in md
     assert "| H1 | test_big | supported | r = 0.8 | [0.7, 0.9] | above 0.5 |" in md
     assert "seed 3" in md and "dtype float64" in md
@@ -608,7 +609,47 @@ def test_user_texts_drop_the_verdicts_recorded_on_the_projects_texts(pytester: p
     # ... but measured on the user's texts it is their result, reported as refuted.
     result = _run(pytester, f"--evidence-dir={pytester.path / 'ev2'}", f"--texts={path}")
     result.assert_outcomes(failed=1)
-    assert _records(pytester.path / "ev2" / SUBJECT / "evidence.json")["test_on_texts"]["verdict"] == "refuted"
+    [run_dir] = (pytester.path / "ev2").iterdir()  # the user's texts: a directory of their own
+    assert run_dir.name.startswith(f"{SUBJECT}@float32-seed0-texts")
+    assert _records(run_dir / "evidence.json")["test_on_texts"]["verdict"] == "refuted"
+
+
+def test_a_subset_run_keeps_the_other_claims_and_seeds_keep_their_own_reports(
+        pytester: pytest.Pytester) -> None:
+    """`-k family-W` after a full run updates W1 and keeps H1 and H2 with their own run stamp
+    (it rewrote the report from empty before); another --seed writes elsewhere."""
+    _project(pytester, XDIST_RECORDS)
+    ev = pytester.path / "ev"
+    _run(pytester, f"--evidence-dir={ev}")
+    first = json.loads((ev / SUBJECT / "evidence.json").read_text())
+    assert sorted(r["id"] for r in first["claims"]) == ["H1", "H1", "H2", "W1"]
+    result = _run(pytester, f"--evidence-dir={ev}", "-k", "family-W")
+    _line_with(result.outlines, "the report also keeps 3 claim record(s) of earlier runs")
+    second = json.loads((ev / SUBJECT / "evidence.json").read_text())
+    assert [r["nodeid"] for r in second["claims"]] == [r["nodeid"] for r in first["claims"]]
+    by_id = {r["nodeid"]: r for r in second["claims"]}
+    for r in first["claims"]:
+        kept = by_id[r["nodeid"]]
+        if r["id"] == "W1":
+            assert kept["run"] == second["run"] != first["run"]
+        else:
+            assert kept == r  # untouched, with the first run's stamp
+    assert "earlier run" in (ev / SUBJECT / "evidence.md").read_text()
+    _run(pytester, f"--evidence-dir={ev}", "--seed=1", "-k", "family-H")
+    assert sorted(p.name for p in ev.iterdir()) == [SUBJECT, f"{SUBJECT}@float32-seed1"]
+    assert json.loads((ev / SUBJECT / "evidence.json").read_text()) == second
+
+
+def test_an_unreadable_report_is_set_aside_not_merged(pytester: pytest.Pytester) -> None:
+    _project(pytester, XDIST_RECORDS)
+    ev = pytester.path / "ev"
+    (ev / SUBJECT).mkdir(parents=True)
+    (ev / SUBJECT / "evidence.json").write_text('{"schema_version": "0.9", "claims": []}')
+    result = _run(pytester, f"--evidence-dir={ev}", "-k", "W1")
+    _line_with(result.outlines, "an unreadable earlier report was set aside as")
+    assert [p.name.split("-")[0] for p in (ev / SUBJECT).glob("evidence.json.unreadable-*")] == [
+        "evidence.json.unreadable"]
+    assert [r["id"] for r in _records(ev / SUBJECT / "evidence.json").values()] == ["W1"]
 
 
 def test_k_selects_by_claim_id_and_by_family(pytester: pytest.Pytester) -> None:
