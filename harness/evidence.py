@@ -103,6 +103,10 @@ class ClaimEvidence:
     """The verdict of this run's own interval, before the seed spread is applied."""
     code: str | None = None
     """Why the verdict is inconclusive (a key of INCONCLUSIVE_CODES); None otherwise."""
+    band: tuple[float, float] | None = None
+    """The recorded tolerance band of the headline (SeedSpread.tolerance), when one applies."""
+    drift: float = 0.0
+    """How far the headline lies outside ``band`` (0 inside): nonzero fails the run."""
 
     def record(
         self,
@@ -173,7 +177,12 @@ class ClaimEvidence:
         )
         spread = self.seed_spread
         if spread is not None:
-            self.note(f"Seed spread: {spread.describe()}; this run: {self.raw_verdict}.")
+            self.band = spread.tolerance(est, self.dtype)
+            self.drift = spread.drift(est, self.dtype)
+            band = ("no band for this dtype" if self.band is None
+                    else f"tolerance band [{self.band[0]:.4g}, {self.band[1]:.4g}]")
+            self.note(f"Seed spread: {spread.describe()}; {band}; this run: {self.raw_verdict}"
+                      f"{f', DRIFT {self.drift:+.4g}' if self.drift else ''}.")
             if not spread.stable:
                 self.verdict, self.code = "inconclusive", "seed-unstable"
                 message = (f"{self.claim.id} inconclusive (seed-unstable) on {self.subject_id}: "
@@ -184,6 +193,16 @@ class ClaimEvidence:
         if self.verdict == "inconclusive":
             raise ClaimInconclusive(message, self.code)
         return self.verdict
+
+    def drift_message(self) -> str | None:
+        """Why the run fails although the verdict may match: the headline left its band."""
+        if not self.drift or self.band is None:
+            return None
+        d = self.claim.decision.statistic
+        return (f"drift: {d} = {self.estimates[d].value:.6g} lies outside the recorded "
+                f"tolerance band [{self.band[0]:.6g}, {self.band[1]:.6g}] by {self.drift:+.4g} "
+                f"({self.seed_spread.describe()}): the number moved; find out why, then "
+                "re-measure the spread")
 
     def inconclusive(self, reason: str, *, code: str) -> None:
         """End the claim as inconclusive for a reason other than an interval (e.g. too few
@@ -207,6 +226,8 @@ class ClaimEvidence:
                 "raw_verdict": self.raw_verdict,
                 "reason_code": self.code,
                 "seed_spread": None if self.seed_spread is None else self.seed_spread.to_dict(),
+                "band": None if self.band is None else list(self.band),
+                "drift": self.drift,
                 "statistics": self.statistics,
                 "notes": self.notes,
                 "figures": self.figures,

@@ -264,12 +264,22 @@ def _claim_id(item: pytest.Item, registry: Registry) -> str | None:
 
 
 def _spread(item: pytest.Item, state: RunState, cid: str) -> seed_spread.SeedSpread | None:
-    """The recorded seed spread of an SAE-based claim test, when it applies to this run (the
-    project's texts, the default SAE seed)."""
-    if state.sae_seed is not None or state.user_texts or "saes" not in getattr(item, "fixturenames", ()):
+    """The recorded seed spread of a claim test, when it applies to this run: measured on the
+    project's texts and default corpus size; SAE-seed spreads only with the default SAE seed
+    (an explicit --sae-seed is that seed's run alone, as `nox -s reseed` needs)."""
+    fixtures = getattr(item, "fixturenames", ())
+    if state.user_texts and "texts" in fixtures:
+        return None
+    default_corpus = CorpusRecipe(seed=state.seed)
+    if (state.corpus_recipe.n_contexts, state.corpus_recipe.context_len) != (
+            default_corpus.n_contexts, default_corpus.context_len):
         return None
     callspec = getattr(item, "callspec", None)
-    return seed_spread.lookup(state.spreads, state.spec.id, cid, callspec.id if callspec else None)
+    spread = seed_spread.lookup(state.spreads, state.spec.id, cid, callspec.id if callspec else None)
+    if spread is not None and spread.varied == "sae-seed" and (
+            state.sae_seed is not None or "saes" not in fixtures):
+        return None
+    return spread
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -469,7 +479,7 @@ def _verdict(call: pytest.CallInfo, report: pytest.TestReport,
 
 
 def _settle(report: pytest.TestReport, cid: str, subject_id: str, verdict: str, reason: str,
-            code: str | None, expected: Expected | None) -> bool:
+            code: str | None, expected: Expected | None, drift: str | None = None) -> bool:
     """Set the report's outcome from the verdict and the recorded expectation; True when the
     verdict is the expected one.
 
@@ -481,6 +491,9 @@ def _settle(report: pytest.TestReport, cid: str, subject_id: str, verdict: str, 
             report.outcome, report.longrepr = "failed", f"harness error: {reason}"
         return False
     if verdict == "unavailable":
+        return False
+    if drift:  # the verdict may be the recorded one; the number is not
+        report.outcome, report.longrepr = "failed", f"{cid} on {subject_id}: {drift}"
         return False
     measured = Expected(verdict, code)
     if expected is None:
@@ -537,7 +550,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
                                             "statistics": {}, "notes": []}
         verdict, reason, code = _verdict(call, report, ev)
         expected = item.stash.get(EXPECTED, None)
-        matched = _settle(report, cid, state.spec.id, verdict, reason, code, expected)
+        drift = ev.drift_message() if ev is not None and verdict != "error" else None
+        matched = _settle(report, cid, state.spec.id, verdict, reason, code, expected, drift)
         record.update(
             verdict=verdict,
             reason=reason,

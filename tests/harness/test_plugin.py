@@ -652,6 +652,46 @@ def test_an_unreadable_report_is_set_aside_not_merged(pytester: pytest.Pytester)
     assert [r["id"] for r in _records(ev / SUBJECT / "evidence.json").values()] == ["W1"]
 
 
+DRIFT = """
+@pytest.mark.claim(id="H1")
+@pytest.mark.parametrize("value", [0.8, 0.95, 0.6])
+def test_moves(evidence, value):
+    evidence.record("r", Estimate(value, value - 0.01, value + 0.01, 50, "b"))
+    evidence.judge()
+"""
+
+SPREAD = """\
+smollm2-135m:
+  H1:
+    statistic: r
+    seeds: [0, 1, 2]
+    verdicts: [supported, supported, supported]
+    estimates: [0.79, 0.80, 0.82]
+    varied: session-seed
+"""
+
+
+def test_a_headline_that_leaves_its_band_fails_the_run(pytester: pytest.Pytester) -> None:
+    """Supported all three times, but 0.95 and 0.6 lie outside the recorded band
+    [0.79 - 0.03, 0.82 + 0.03]: a regression that keeps the verdict is caught (it stayed
+    green before), and says by how much."""
+    _project(pytester, DRIFT)
+    (pytester.path / "fixtures" / "seed_spread.yaml").write_text(SPREAD, encoding="utf-8")
+    ev = pytester.path / "ev"
+    result = _run(pytester, f"--evidence-dir={ev}", "-rA")
+    result.assert_outcomes(passed=1, failed=2)
+    records = _records(ev / SUBJECT / "evidence.json")
+    inside = records["test_moves[0.8]"]
+    assert inside["band"] == [pytest.approx(0.76), pytest.approx(0.85)] and inside["drift"] == 0
+    high = records["test_moves[0.95]"]
+    assert high["verdict"] == "supported" and high["drift"] == pytest.approx(0.1)
+    assert records["test_moves[0.6]"]["drift"] == pytest.approx(-0.16)
+    _line_with(result.outlines, "H1 on smollm2-135m: drift: r = 0.95 lies outside the recorded "
+               "tolerance band [0.76, 0.85] by +0.1")
+    # another corpus size: the spread does not apply, nothing drifts
+    _run(pytester, f"--evidence-dir={ev}", "--corpus-contexts=64").assert_outcomes(passed=3)
+
+
 def test_k_selects_by_claim_id_and_by_family(pytester: pytest.Pytester) -> None:
     _project(pytester, XDIST_RECORDS)
     ev = f"--evidence-dir={pytester.path / 'ev'}"

@@ -10,7 +10,7 @@ from harness.evidence import ClaimEvidence, ClaimInconclusive
 from harness.registry import Claim, Decision
 from harness.reseed import render, spreads_from
 from harness.seed_spread import SeedSpread, dump, load, lookup
-from harness.stats import exact
+from harness.stats import Estimate, exact
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -91,3 +91,38 @@ def test_spreads_from_per_seed_evidence_uses_the_raw_verdicts():
 
 def test_the_committed_fixture_parses():
     load(ROOT / "fixtures" / "seed_spread.yaml")
+
+
+def test_tolerance_band_known_answers():
+    s = SeedSpread(key="W2", statistic="slope", seeds=(0, 1, 2), verdicts=("supported",) * 3,
+                   estimates=(0.10, 0.12, 0.11), varied="session-seed")
+    # range 0.02 > the run's half-width 0.005: band [0.10 - 0.02, 0.12 + 0.02]
+    lo, hi = s.tolerance(Estimate(0.11, 0.105, 0.115, 9, "b"), "float32")
+    assert (lo, hi) == (pytest.approx(0.08), pytest.approx(0.14))
+    assert s.drift(Estimate(0.13, 0.125, 0.135, 9, "b"), "float32") == 0.0
+    assert s.drift(Estimate(0.15, 0.149, 0.151, 9, "b"), "float32") == pytest.approx(0.01)
+    assert s.drift(Estimate(0.05, 0.049, 0.051, 9, "b"), "float32") == pytest.approx(-0.03)
+    # the run's own interval widens the band when it is wider than the seeds' range
+    assert s.drift(Estimate(0.15, 0.05, 0.25, 9, "b"), "float32") == 0.0
+    # recorded in float32: no band for another dtype
+    assert s.tolerance(Estimate(0.5, 0.5, 0.5, 9, "b"), "float64") is None
+    assert s.drift(Estimate(0.5, 0.5, 0.5, 9, "b"), "float64") == 0.0
+
+
+def test_an_identity_headline_gets_a_rounding_floor_not_a_zero_width_band():
+    s = SeedSpread(key="H1[folded]", statistic="max_rel_error", seeds=(0, 1), verdicts=("supported",) * 2,
+                   estimates=(1.2e-7, 1.2e-7), varied="session-seed")
+    assert s.drift(exact(2.4e-7, 9), "float32") == 0.0  # another machine's rounding
+    assert s.drift(exact(5e-6, 9), "float32") > 0  # a real change
+
+
+def test_dump_replaces_one_kind_and_keeps_the_other(tmp_path):
+    path = tmp_path / "spread.yaml"
+    dump(path, "a", {"S5": _spread("supported", "supported", key="S5")}, "# h")
+    h2 = SeedSpread(key="H2", statistic="r", seeds=(0, 1), verdicts=("supported",) * 2,
+                    estimates=(0.4, 0.41), varied="session-seed")
+    dump(path, "a", {"H2": h2}, "# h")
+    loaded = load(path)["a"]
+    assert set(loaded) == {"S5", "H2"} and loaded["H2"] == h2
+    dump(path, "a", {"S1": _spread("refuted", "refuted", key="S1")}, "# h")
+    assert set(load(path)["a"]) == {"S1", "H2"}  # S5 (same kind, not re-measured) dropped
