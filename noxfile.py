@@ -79,6 +79,17 @@ def build(session: nox.Session, subject: str) -> None:
 
 @nox.session
 @nox.parametrize("subject", SAE_SUBJECTS[:2], ids=SAE_SUBJECTS[:2])
+def respread(session: nox.Session, subject: str) -> None:
+    """Session-seed spread of every H and W verdict (the corpus sample and the bootstraps'
+    draws): families H and W once per --seed 0 1 2, into fixtures/seed_spread.yaml beside the
+    SAE-seed entries (review before committing). Each seed's W harvest is its own corpus pass."""
+    install(session)
+    session.run("python", "-m", "harness.reseed", f"--subject={subject}", "--vary=session-seed",
+                "--write-fixture", *session.posargs)
+
+
+@nox.session
+@nox.parametrize("subject", SAE_SUBJECTS[:2], ids=SAE_SUBJECTS[:2])
 def reseed(session: nox.Session, subject: str) -> None:
     """SAE training-seed spread of every S/R verdict: SAEs for seeds 0 1 2 from one corpus
     pass, families S and R once per seed, the spread into evidence/<subject>/reseed/spread.md

@@ -1,4 +1,6 @@
-"""Measure how far every SAE-based verdict moves across SAE training seeds.
+"""Measure how far every verdict moves across seeds: SAE training seeds for families S and R,
+session seeds (the corpus sample and the bootstraps' draws) for H and W (``--vary
+session-seed``, ``nox -s "respread(SUBJECT)"``: steps 2 and 3 below with ``--seed K``).
 
 ``python -m harness.reseed --subject smollm2-135m --seeds 0 1 2`` (``nox -s
 "reseed(smollm2-135m)"``):
@@ -31,7 +33,9 @@ from harness.evidence import run_dir_name
 from harness.subjects import parse_subject
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = "family-S or family-R"
+FAMILIES = {"sae-seed": "family-S or family-R", "session-seed": "family-H or family-W"}
+SEED_OPTION = {"sae-seed": "--sae-seed", "session-seed": "--seed"}
+FAMILY_LETTERS = {"sae-seed": "SR", "session-seed": "HW"}
 
 
 def build_all(subject: str, seeds: list[int], cache_dir: Path) -> float:
@@ -55,13 +59,15 @@ def build_all(subject: str, seeds: list[int], cache_dir: Path) -> float:
 
 
 def run_seed(subject: str, seed: int, evidence_dir: Path, cache_dir: Path,
-             extra: list[str]) -> tuple[int, Path]:
-    out = evidence_dir / subject / "reseed" / f"seed-{seed}"
-    cmd = [sys.executable, "-m", "pytest", "claims", "-k", FAMILIES, f"--subject={subject}",
-           f"--sae-seed={seed}", f"--evidence-dir={out}", f"--cache-dir={cache_dir}",
+             extra: list[str], varied: str = "sae-seed") -> tuple[int, Path]:
+    out = evidence_dir / subject / "reseed" / varied / f"seed-{seed}"
+    cmd = [sys.executable, "-m", "pytest", "claims", "-k", FAMILIES[varied], f"--subject={subject}",
+           f"{SEED_OPTION[varied]}={seed}", f"--evidence-dir={out}", f"--cache-dir={cache_dir}",
            "-p", "no:cacheprovider", "-q", *extra]
     rc = subprocess.run(cmd, cwd=ROOT).returncode
-    return rc, out / run_dir_name(parse_subject(subject).id, sae_seed=seed) / "evidence.json"
+    name = run_dir_name(parse_subject(subject).id, **({"sae_seed": seed} if varied == "sae-seed"
+                                                       else {"seed": seed}))
+    return rc, out / name / "evidence.json"
 
 
 def _key(record: dict) -> str:
@@ -70,7 +76,7 @@ def _key(record: dict) -> str:
     return f"{record['id']}[{variant}]" if variant else record["id"]
 
 
-def spreads_from(seed_docs: dict[int, dict], registry_path: Path) -> dict:
+def spreads_from(seed_docs: dict[int, dict], registry_path: Path, varied: str = "sae-seed") -> dict:
     """{key: SeedSpread} from each seed's evidence.json (raw verdicts, headline estimates)."""
     from harness.registry import Registry
     from harness.seed_spread import SeedSpread
@@ -79,8 +85,12 @@ def spreads_from(seed_docs: dict[int, dict], registry_path: Path) -> dict:
     today = datetime.date.today().isoformat()
     by_key: dict[str, dict[int, tuple[str, float | None]]] = {}
     stat_of: dict[str, str] = {}
+    dtype_of: dict[str, str] = {}
     for seed, doc in seed_docs.items():
         for r in doc["claims"]:
+            if r["id"][0] not in FAMILY_LETTERS[varied]:
+                continue  # another kind's claim (a full run's evidence holds every family)
+            dtype_of[_key(r)] = (doc.get("provenance") or {}).get("dtype", "float32")
             if r["id"] == "R1" or r.get("verdict") in ("unavailable", "error", None):
                 continue
             key = _key(r)
@@ -94,12 +104,14 @@ def spreads_from(seed_docs: dict[int, dict], registry_path: Path) -> dict:
         seeds = sorted(per)
         out[key] = SeedSpread(key=key, statistic=stat_of[key], seeds=tuple(seeds),
                               verdicts=tuple(per[s][0] for s in seeds),
-                              estimates=tuple(per[s][1] for s in seeds), measured=today)
+                              estimates=tuple(per[s][1] for s in seeds), measured=today,
+                              varied=varied, dtype=dtype_of[key])
     return out
 
 
 def render(subject: str, spreads: dict, seconds: dict) -> str:
-    lines = [f"# SAE training-seed spread on {subject}", "",
+    kinds = sorted({s.varied for s in spreads.values()})
+    lines = [f"# Seed spread ({', '.join(kinds)}) on {subject}", "",
              "Per claim test: each seed's verdict (its own interval) and headline estimate. "
              "A claim whose verdict differs between seeds is reported as inconclusive "
              "(seed-unstable) by every run on this subject.", "",
@@ -124,9 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--write-fixture", action="store_true",
                         help="also write the spread into fixtures/seed_spread.yaml")
+    parser.add_argument("--vary", choices=sorted(FAMILIES), default="sae-seed",
+                        help="sae-seed: families S and R under --sae-seed K (default); "
+                        "session-seed: families H and W under --seed K")
+    parser.add_argument("--collect", type=Path, nargs="+", default=None,
+                        help="build the spread from these evidence.json files (one per seed, "
+                        "in --seeds order) instead of running pytest")
     args, extra = parser.parse_known_args(argv)
     if len(set(args.seeds)) < 2:
         parser.error("give at least two distinct --seeds")
+    if args.collect and len(args.collect) != len(args.seeds):
+        parser.error("--collect takes one evidence.json per --seeds entry, in the same order")
     from harness.determinism import pin
 
     pin()
@@ -134,25 +154,33 @@ def main(argv: list[str] | None = None) -> int:
     from harness.seed_spread import DEFAULT_PATH, dump
 
     cache_dir = args.cache_dir or default_cache_dir()
-    seconds = {"build": round(build_all(args.subject, args.seeds, cache_dir), 1)}
+    seconds: dict = {}
+    if args.vary == "sae-seed" and not args.collect:
+        seconds["build"] = round(build_all(args.subject, args.seeds, cache_dir), 1)
     docs = {}
-    for k in args.seeds:
+    for i, k in enumerate(args.seeds):
         start = time.perf_counter()
-        rc, path = run_seed(args.subject, k, args.evidence_dir, cache_dir, extra)
+        if args.collect:
+            rc, path = 0, args.collect[i]
+        else:
+            rc, path = run_seed(args.subject, k, args.evidence_dir, cache_dir, extra, args.vary)
         seconds[f"seed {k}"] = round(time.perf_counter() - start, 1)
         if not path.exists():
             print(f"error: seed {k}: pytest exited {rc} without evidence at {path}", file=sys.stderr)
             return 2
         docs[k] = json.loads(path.read_text())
-    spreads = spreads_from(docs, ROOT / "fixtures" / "claims.yaml")
-    report = args.evidence_dir / args.subject / "reseed" / "spread.md"
+    spreads = spreads_from(docs, ROOT / "fixtures" / "claims.yaml", args.vary)
+    report = args.evidence_dir / args.subject / "reseed" / args.vary / "spread.md"
+    report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(render(args.subject, spreads, seconds), encoding="utf-8")
     print(report.read_text())
     if args.write_fixture:
         dump(DEFAULT_PATH, args.subject, spreads,
-             "# SAE training-seed spread per subject and claim test, written by "
-             "`python -m harness.reseed --write-fixture` (nox -s reseed);\n# read by the "
-             "plugin (harness/seed_spread.py). Reviewed before commit like the registry.")
+             "# Seed spread per subject and claim test (varied: sae-seed for families S and R, "
+             "session-seed for H and W),\n# written by `python -m harness.reseed --write-fixture "
+             "[--vary session-seed]` (nox -s reseed / respread);\n# read by the plugin "
+             "(harness/seed_spread.py): the verdict rule and each headline's tolerance band.\n"
+             "# Reviewed before commit like the registry.")
     return 0
 
 
