@@ -110,10 +110,25 @@ class Expected:
     verdict: str
     code: str | None = None
     """For 'inconclusive': the INCONCLUSIVE_CODES key it must end with; None otherwise."""
+    why: str = field(default="", compare=False)
+    """Why this verdict is a result, not a defect (what was measured, when); goes into
+    claims/QUARANTINE.md, which is generated from the registry (harness.quarantine)."""
+    revisit: str = field(default="", compare=False)
+    """When to measure again (what change would make the record stale)."""
 
     @classmethod
-    def parse(cls, text: str, where: str) -> Expected:
-        """``VERDICT`` or ``inconclusive/CODE``."""
+    def parse(cls, raw: Any, where: str) -> Expected:
+        """``VERDICT``, ``inconclusive/CODE``, or a mapping {verdict, why[, revisit]} with the
+        verdict in one of those forms."""
+        if isinstance(raw, Mapping):
+            unknown = set(raw) - {"verdict", "why", "revisit"}
+            if unknown or "verdict" not in raw or not str(raw.get("why", "")).strip():
+                raise RegistryError(f"{where}: an expectation mapping holds verdict and why "
+                                    f"(and optionally revisit); got {sorted(raw)}")
+            base = cls.parse(raw["verdict"], where)
+            return cls(base.verdict, base.code, " ".join(str(raw["why"]).split()),
+                       " ".join(str(raw.get("revisit", "")).split()))
+        text = raw
         verdict, _, code = str(text).partition("/")
         if verdict not in VERDICTS:
             raise RegistryError(f"{where}: expected verdict {text!r}: {verdict!r} not in {VERDICTS}")
