@@ -174,6 +174,13 @@ def test_raw_projection_is_not_the_activation(unfolded, sentences_last, evidence
             per_layer[k].append(_median_r(r))
             all_r[k].append(r)
     rs = {k: np.concatenate(v) for k, v in all_r.items()}
+    evidence.data("neurons", {
+        "layer": np.concatenate([np.full(len(r), layer) for layer, r in enumerate(all_r["raw"])]),
+        "neuron": np.concatenate([np.arange(len(r)) for r in all_r["raw"]]),
+        **{f"r_{k}": rs[k] for k in variants},
+    }, f"per (layer, neuron): Pearson r over {int(batch.mask.sum())} real positions of the projection "
+       "variants with hook_pre; the headline median_r_raw is the median of r_raw (NaN rows: "
+       "constant columns, excluded)")
     for k in variants:
         est = bootstrap(rs[k], np.nanmedian, rng, n_resamples=1000)
         evidence.record(f"median_r_{k}", est,

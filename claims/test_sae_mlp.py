@@ -118,6 +118,12 @@ def test_rare_features_are_selective_not_dead(usage, mlp_sae, evidence, rng):
                   f"{np.nanmean(conc_top[idx]):.2f} overall")
     fig = concentration_vs_frequency_figure(freq[idx], conc_top[idx], conc_rand[idx])
     evidence.figure(fig, "selectivity_vs_frequency")
+    evidence.data("features", {
+        "feature": np.arange(freq.size), "frequency": freq, "fire_count": usage.fire_count,
+        "ranked": enough, "selectivity": conc_top, "selectivity_random_firings": conc_rand,
+    }, f"per feature of {mlp_sae.hook_name}'s SAE over {usage.n_tokens} tokens: the headline is "
+       f"Spearman(log10 frequency, selectivity) over the rows with ranked = True (fired >= {N_TOP} "
+       f"times); selectivity = share of the top-{N_TOP} firing tokens equal to their mode")
     evidence.judge()
 
 
@@ -147,4 +153,7 @@ def test_features_fire_on_a_small_fraction_of_tokens(usage, mlp_sae, evidence):
                   f"{(freq < 0.01).mean():.1%} of features under 1 %, {usage.dead.mean():.1%} dead")
     evidence.figure(frequency_histogram_figure(usage, f"R4: feature frequency at {mlp_sae.hook_name}"),
                     "feature_frequency")
+    evidence.data("features", {"feature": np.arange(n), "frequency": freq, "dead": usage.dead},
+                  f"per feature: share of {usage.n_tokens} tokens with code > 0 at {mlp_sae.hook_name}; "
+                  "the headline is the median of 'frequency' over all rows (dead included)")
     evidence.judge()

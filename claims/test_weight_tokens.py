@@ -53,6 +53,8 @@ class WData:
     agreement: dict[tuple[str, int], LayerAgreement]  # (definition label, layer)
     dtr: dict[int, np.ndarray]
     processing: dict
+    method1: dict[int, np.ndarray]  # layer -> (K, n_neurons) token ids of the top contexts' argmax
+    method2: dict[tuple[str, int], np.ndarray]  # (definition label, layer) -> (K, n_neurons)
 
 
 def _label(d: GeometryDefinition) -> str:
@@ -71,18 +73,34 @@ def w_data(subject, subject_variant, corpus, content_cache, run_state) -> WData:
     defs = definitions_for(model)
     headline = next(d for d in defs if d.name == "tl_cosine" and d.branch in ("gate", "in"))
     rng = claim_rng(run_state.seed, "W-family")  # one generator for the shared nulls
-    agreement = {}
+    agreement, method2 = {}, {}
     for d in defs:
         source = model if d.name == "tl_cosine" else raw
         # The headline definition at every layer (W2); the others at the shallowest layer only.
         for layer in range(n_layers) if d == headline else (SHALLOWEST,):
             m2 = method2_topk(source, layer, d, k=K).context.numpy()
+            method2[(_label(d), layer)] = m2
             agreement[(_label(d), layer)] = LayerAgreement(
                 observed=neuron_metrics(m1[layer], m2, vocab, model.W_E),
                 null=null_metrics(m1[layer], m2, vocab, model.W_E, rng, n_perm=N_PERM),
             )
     dtr = {layer: dominant_token_ratio(m1[layer], vocab) for layer in range(n_layers)}
-    return WData(n_layers, headline, defs, agreement, dtr, subject.spec.processing.as_kwargs())
+    return WData(n_layers, headline, defs, agreement, dtr, subject.spec.processing.as_kwargs(), m1, method2)
+
+
+def _neuron_data(evidence, w_data: WData, metric: str) -> None:
+    """Per neuron of the shallowest layer (headline definition): both token lists, the
+    observed metric, its re-pairing null and the excess the headline averages."""
+    label = _label(w_data.headline)
+    la = w_data.agreement[(label, SHALLOWEST)]
+    obs, null = la.observed[metric], la.null[metric]
+    evidence.data("neurons", {
+        "neuron": np.arange(obs.size), "method1_tokens": w_data.method1[SHALLOWEST].T,
+        "method2_tokens": w_data.method2[(label, SHALLOWEST)].T, metric: obs, f"{metric}_null": null,
+        "excess": obs - null,
+    }, f"layer {SHALLOWEST}, Method 2 = {label}: the headline is the mean of the non-NaN "
+       f"'excess' (= {metric} - {metric}_null, the null a mean over {N_PERM} re-pairings); token "
+       "lists are token ids (Method 1: argmax token of each top context, in rank order)")
 
 
 def _excess_estimate(values: np.ndarray, rng) -> Estimate:
@@ -104,6 +122,7 @@ def test_agreement_beats_chance(w_data, statistic, evidence, rng):
         )
     evidence.note(f"Headline Method 2: {_label(w_data.headline)}; k = {K}; null = mean over {N_PERM} "
                   f"random re-pairings of neurons; weight processing {w_data.processing}.")
+    _neuron_data(evidence, w_data, statistic)
     evidence.judge()
 
 
@@ -156,6 +175,12 @@ def test_agreement_falls_with_depth(w_data, evidence, rng):
                     Estimate(float(means[0] - means[-1]), float("nan"), float("nan"), w_data.layers, "difference"),
                     description="mean Jaccard at layer 0 minus the last layer", per_layer=table)
     _figure_w2(evidence, table)
+    evidence.data("neurons_by_layer", {
+        "layer": np.concatenate([np.full(len(v), layer) for layer, v in enumerate(per_layer)]),
+        "neuron": np.concatenate([np.arange(len(v)) for v in per_layer]),
+        "jaccard": np.concatenate(per_layer),
+    }, f"per neuron and layer, Jaccard of the Method-1 and Method-2 ({label}) token sets; the "
+       "headline is the least-squares slope of the per-layer means against the layer")
     evidence.judge()
 
 
@@ -184,6 +209,7 @@ def test_dominant_type_agreement_beats_chance(w_data, evidence, rng):
                     null=float(np.mean(la.null["type_match"])),
                     description=f"dominant-type match minus re-pairing null, layer {SHALLOWEST}",
                     observed_mean=float(np.mean(la.observed["type_match"])))
+    _neuron_data(evidence, w_data, "type_match")
     evidence.judge()
 
 
@@ -193,5 +219,9 @@ def test_shallow_neurons_perfectly_selective(w_data, evidence, rng):
     evidence.record("share_dtr_1", bootstrap((dtr == 1.0).astype(float), np.mean, rng),
                     description=f"share of layer-{SHALLOWEST} neurons whose top-{K} contexts all peak on one token")
     evidence.record("mean_dtr", bootstrap(dtr, np.mean, rng), description="mean DTR, same layer")
+    evidence.data("neurons", {"neuron": np.arange(dtr.size), "method1_tokens": w_data.method1[SHALLOWEST].T,
+                              "dtr": dtr},
+                  f"layer {SHALLOWEST}: each neuron's Method-1 tokens and its Dominant Token Ratio; the "
+                  "headline is the share of DTR == 1")
     evidence.judge()
 

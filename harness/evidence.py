@@ -103,6 +103,10 @@ class ClaimEvidence:
     """The verdict of this run's own interval, before the seed spread is applied."""
     code: str | None = None
     """Why the verdict is inconclusive (a key of INCONCLUSIVE_CODES); None otherwise."""
+    slug: str = ""
+    """File-name part of this claim test (id and parameters), for attached data files."""
+    data_files: list[dict] = field(default_factory=list)
+    """Per-unit data files (:meth:`data`): file, sha256, rows, columns, description."""
     band: tuple[float, float] | None = None
     """The recorded tolerance band of the headline (SeedSpread.tolerance), when one applies."""
     drift: float = 0.0
@@ -156,6 +160,45 @@ class ClaimEvidence:
         path = self.figure_dir / f"{self.claim.id}_{name}{suffix}"
         atomic_write_text(path, text)
         self.figures.append(str(Path("figures") / path.name))
+        return path
+
+    def data(self, name: str, columns: dict[str, Any], description: str) -> Path:
+        """Attach per-unit data behind an aggregate (per neuron, per feature, per text) as a CSV
+        beside the report, listed in the record with its sha256, rows and columns, so a reader
+        can recompute the headline without the model.
+
+        ``columns``: equally long sequences; a cell that is itself a sequence (a token list) is
+        written as JSON. The file is ``data/{slug}_{name}.csv`` (``slug``: the claim test)."""
+        import csv
+        import hashlib
+        import io
+
+        if not name or any(c in name for c in "/\\ "):
+            raise ValueError(f"data name must be a plain file name part, got {name!r}")
+        lengths = {k: len(v) for k, v in columns.items()}
+        if not columns or len(set(lengths.values())) != 1:
+            raise ValueError(f"{self.claim.id} data {name!r}: columns must be non-empty and equally long, "
+                             f"got {lengths}")
+
+        def cell(x: Any) -> Any:
+            x = x.tolist() if hasattr(x, "tolist") else x
+            if isinstance(x, (list, tuple)):
+                return json.dumps(_clean(list(x)))
+            x = _clean(x)
+            return repr(x) if isinstance(x, float) else x  # repr: every float round-trips
+
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(list(columns))
+        for row in zip(*columns.values(), strict=True):
+            writer.writerow([cell(x) for x in row])
+        text = buf.getvalue()
+        rel = Path("data") / f"{self.claim.id}_{self.slug or 'claim'}_{name}.csv"
+        path = self.figure_dir.parent / rel
+        atomic_write_text(path, text)
+        self.data_files.append({"file": str(rel), "sha256": hashlib.sha256(text.encode()).hexdigest(),
+                                "rows": next(iter(lengths.values())), "columns": list(columns),
+                                "description": " ".join(description.split())})
         return path
 
     def judge(self) -> str:
@@ -231,6 +274,7 @@ class ClaimEvidence:
                 "statistics": self.statistics,
                 "notes": self.notes,
                 "figures": self.figures,
+                "data": self.data_files,
                 "published": [p.__dict__ for p in self.claim.published],
                 "inputs": self.inputs,
             }
@@ -401,6 +445,9 @@ def render_markdown(doc: dict) -> str:
         out += [f"- {n}" for n in r.get("notes", [])]
         out += [f"![{f}]({f})" if f.lower().endswith(IMAGE_SUFFIXES) else f"- [{f}]({f})"
                 for f in r.get("figures", [])]
+        for d in r.get("data") or ():
+            out.append(f"- data: [{d['file']}]({d['file']}) ({d['rows']} rows: "
+                       f"{', '.join(d['columns'])}; sha256 {d['sha256'][:16]}): {d['description']}")
         out.append("")
     return "\n".join(out)
 

@@ -409,6 +409,7 @@ def evidence(request: pytest.FixtureRequest, claim, run_state: RunState) -> Iter
         subject_id=run_state.spec.id,
         dtype=run_state.spec.dtype,
         figure_dir=run_state.run_dir / "figures",
+        slug=_slug(request.node.name),
     )
     for name in ("subject", "corpus", "texts", "saes"):
         if name in request.fixturenames:
@@ -418,6 +419,13 @@ def evidence(request: pytest.FixtureRequest, claim, run_state: RunState) -> Iter
     ev.seed_spread = _spread(request.node, run_state, claim.id)
     request.node.stash[EVIDENCE] = ev
     yield ev
+
+
+def _slug(test_name: str) -> str:
+    """A claim test's name as a file-name part: test_x[a/b 1] -> test_x-a-b-1."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", test_name).strip("-")
 
 
 def _leaked_hooks(model) -> list[str]:

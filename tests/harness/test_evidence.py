@@ -296,3 +296,29 @@ def test_a_concurrent_reader_always_sees_a_whole_report(tmp_path: Path) -> None:
         reads += 1
     thread.join()
     assert len(_strict_json(writer.json_path.read_text())["claims"]) == 40
+
+
+def test_per_unit_data_round_trips_and_is_listed_with_its_sha256(tmp_path: Path) -> None:
+    import csv
+    import hashlib
+    import json as _json
+
+    ev = _evidence(tmp_path)
+    ev.slug = "test_x-a"
+    vals = np.array([0.1, 1 / 3, math.nan])
+    path = ev.data("neurons", {"neuron": np.arange(3), "tokens": np.array([[1, 2], [3, 4], [5, 6]]),
+                               "value": vals}, "per neuron")
+    assert path == tmp_path / "data" / "H1_test_x-a_neurons.csv"  # beside figures/
+    [entry] = ev.data_files
+    assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert (entry["rows"], entry["columns"], entry["file"]) == (3, ["neuron", "tokens", "value"],
+                                                                "data/H1_test_x-a_neurons.csv")
+    rows = list(csv.DictReader(path.open()))
+    assert [_json.loads(r["tokens"]) for r in rows] == [[1, 2], [3, 4], [5, 6]]
+    back = np.array([float(r["value"]) for r in rows])
+    assert back[0] == 0.1 and back[1] == 1 / 3 and math.isnan(back[2])  # floats round-trip exactly
+    assert ev.to_record()["data"] == [entry]
+    with pytest.raises(ValueError, match="equally long"):
+        ev.data("bad", {"a": [1, 2], "b": [1]}, "x")
+    with pytest.raises(ValueError, match="plain file name part"):
+        ev.data("a/b", {"a": [1]}, "x")

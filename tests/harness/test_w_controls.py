@@ -7,9 +7,12 @@ process cost ~10 s of imports on top)."""
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest_plugins = ["pytester"]
@@ -32,4 +35,12 @@ def test_w1_passes_on_the_planted_control(heavy_imports, pytester: pytest.Pytest
     doc = json.loads((evidence / "planted-tokens" / "evidence.json").read_text())
     w1 = [c for c in doc["claims"] if c["id"] == "W1"]
     assert len(w1) == 4 and all(c["verdict"] == "supported" for c in w1)
+    # The headline recomputed from the per-neuron file alone, without the model.
+    for c in w1:
+        [data] = c["data"]
+        path = evidence / "planted-tokens" / data["file"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == data["sha256"]
+        excess = np.array([float(r["excess"]) for r in csv.DictReader(path.open())])
+        headline = c["statistics"]["excess_over_null"]["estimate"]["value"]
+        assert np.nanmean(excess) == pytest.approx(headline, rel=1e-12), c["test"]
     assert doc["provenance"]["subject"]["planted"]  # the wiring is in the evidence
