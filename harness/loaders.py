@@ -49,8 +49,9 @@ class LoadedSubject:
     spec: SubjectSpec
     model: Any  # transformer_lens.HookedTransformer (imported lazily: heavy)
     weight_hash: str
-    """The weights' identity for caches: sha256 of the converted weights before processing plus
-    the processing options (converted subjects), else of the processed parameters."""
+    """The weights' identity for caches: sha256 of the weights before TL's processing plus the
+    processing options (converted, random-init and planted subjects), or of the hub snapshot
+    (hub subjects): see pre_processing_identity, hub_identity."""
     load_seconds: float
     processed_weight_hash: str = ""
     """sha256 over the processed parameters, in name order (what this process computes with)."""
@@ -171,12 +172,40 @@ def hooked_from_hf(hf_model: Any, tokenizer: Any, spec: SubjectSpec) -> tuple[An
     # The converters return views of the HF parameters and TL's processing may write in
     # place; clone so one HF model can feed several processing variants unchanged.
     state_dict = {k: v.detach().clone() for k, v in state_dict.items()}
-    identity = _state_hash(state_dict, extra=json.dumps(
-        {"processing": spec.processing.as_kwargs(), "dtype": str(spec.torch_dtype)}, sort_keys=True))
+    identity = pre_processing_identity(state_dict, spec)
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     model.load_and_process_state_dict(state_dict, **spec.processing.as_kwargs())
     model.move_model_modules_to_device()
     return model.eval(), identity
+
+
+def pre_processing_identity(state_dict: dict[str, torch.Tensor], spec: SubjectSpec, **extra: Any) -> str:
+    """A subject's cache identity: sha256 of its weights BEFORE TransformerLens's processing,
+    plus the processing options and dtype (and ``extra``). TL's processing runs MKL GEMMs whose
+    bits differ between loads (measured: 1 load in ~8), so the processed weights cannot name a
+    cache entry; the unprocessed ones (converted, initialised from a seed, or planted) can."""
+    return _state_hash(state_dict, extra=json.dumps(
+        {"processing": spec.processing.as_kwargs(), "dtype": str(spec.torch_dtype), **extra},
+        sort_keys=True))
+
+
+def hub_identity(spec: SubjectSpec) -> str:
+    """A hub subject's cache identity without reading its unprocessed weights (TL's
+    from_pretrained processes them inside): the official repo, the snapshot revision the local
+    HF cache resolves ``main`` to, the processing options, dtype and TL version."""
+    from importlib.metadata import version
+
+    from huggingface_hub import constants
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    repo = get_official_model_name(spec.source)
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "refs" / "main"
+    revision = ref.read_text().strip() if ref.is_file() else "unresolved"
+    blob = json.dumps({"hub": repo, "revision": revision, "processing": spec.processing.as_kwargs(),
+                       "dtype": str(spec.torch_dtype), "random_init": spec.random_init,
+                       "init_seed": spec.init_seed if spec.random_init else None,
+                       "transformer_lens": version("transformer-lens")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def random_twin(spec: SubjectSpec) -> Any:
@@ -209,10 +238,14 @@ def random_twin(spec: SubjectSpec) -> Any:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.init_seed)
         model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    # The initialised weights name the twin (seeded CPU initialisation is deterministic); the
+    # processed ones do not (see pre_processing_identity).
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    identity = pre_processing_identity(state, spec, init_seed=spec.init_seed)
     # Same processing as the trained subject, so a comparison differs only in the weights.
-    model.load_and_process_state_dict(model.state_dict(), **spec.processing.as_kwargs())
+    model.load_and_process_state_dict(state, **spec.processing.as_kwargs())
     model.move_model_modules_to_device()
-    return model.eval()
+    return model.eval(), identity
 
 
 def planted_tokenizer() -> Any:
@@ -223,8 +256,8 @@ def planted_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(where, **kwargs)
 
 
-def load_planted(spec: SubjectSpec) -> tuple[Any, dict[int, int]]:
-    """(model, neuron -> token) of a planted subject built from ``spec.init_seed``.
+def load_planted(spec: SubjectSpec) -> tuple[Any, dict[int, int], str]:
+    """(model, neuron -> token, cache identity) of a planted subject built from ``spec.init_seed``.
 
     The wired tokens come from the default background corpus under the same seed, which is
     the corpus the pytest plugin builds for ``--seed`` (``CorpusRecipe(seed=seed)``).
@@ -233,7 +266,7 @@ def load_planted(spec: SubjectSpec) -> tuple[Any, dict[int, int]]:
 
     tokenizer = planted_tokenizer()
     corpus = build_corpus(tokenizer, CorpusRecipe(seed=spec.init_seed))
-    return planted_subject(
+    model, wiring, state = planted_subject(
         tokenizer,
         corpus,
         PlantedSpec(seed=spec.init_seed),
@@ -241,6 +274,7 @@ def load_planted(spec: SubjectSpec) -> tuple[Any, dict[int, int]]:
         dtype=spec.torch_dtype,
         device=spec.device,
     )
+    return model, wiring, pre_processing_identity(state, spec, init_seed=spec.init_seed)
 
 
 def _hub_call(spec: SubjectSpec, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -331,11 +365,12 @@ def load_subject(
     start = time.perf_counter()
     planted, identity = None, ""
     if spec.kind == "planted":
-        model, planted = load_planted(spec)
+        model, planted, identity = load_planted(spec)
     elif spec.random_init:
-        model = random_twin(spec)
+        model, identity = random_twin(spec)
     elif spec.kind == "hub":
         model = load_hub(spec)
+        identity = hub_identity(spec)
     else:
         hf_model, tokenizer = hf_loader(spec)
         model, identity = hooked_from_hf(hf_model, tokenizer, spec)
@@ -347,12 +382,13 @@ def load_subject(
     return LoadedSubject(
         spec=spec,
         model=model,
-        # Cache identity of converted subjects: the weights before TL's processing plus the
-        # processing options. The processed weights themselves are not bit-stable across
-        # processes (measured 2026-11-22: 1 load in ~8 gave a different sha256 from the same
-        # GGUF and code; TL's processing runs MKL GEMMs), which made the cache miss and
-        # retrain SAEs; their sha256 is kept in the evidence as processed_weight_hash.
-        weight_hash=identity if identity else processed,
+        # Cache identity: the weights before TL's processing plus the processing options
+        # (converted, twin and planted subjects), or the hub snapshot (hub subjects). The
+        # processed weights are not bit-stable across processes (measured 2026-11-22: 1 load
+        # in ~8 gave a different sha256 from the same GGUF and code; TL's processing runs MKL
+        # GEMMs), which made the cache miss and retrain SAEs; their sha256 is kept in the
+        # evidence as processed_weight_hash.
+        weight_hash=identity,
         processed_weight_hash=processed,
         load_seconds=time.perf_counter() - start,
         planted=planted,

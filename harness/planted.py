@@ -277,16 +277,18 @@ def planted_subject(
     processing: Mapping[str, bool],
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
-) -> tuple[Any, dict[int, int]]:
-    """(model, neuron -> token): wired tokens chosen from ``corpus``, weights processed with
-    TL's ``load_and_process_state_dict(**processing)`` in float32, then cast and moved."""
+) -> tuple[Any, dict[int, int], dict[str, torch.Tensor]]:
+    """(model, neuron -> token, unprocessed state): wired tokens chosen from ``corpus``,
+    weights processed with TL's ``load_and_process_state_dict(**processing)`` in float32, then
+    cast and moved. The unprocessed state (a copy) names the subject in caches."""
     tokens = choose_wired_tokens(corpus, tokenizer, spec.n_planted)
     model = build_planted(tokenizer, tokens, spec)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    unprocessed = {k: v.clone() for k, v in state.items()}
     model.load_and_process_state_dict(state, **processing)
     if dtype != torch.float32:
         model.to(dtype, print_details=False)
     model.to(device, print_details=False)
     for p in model.parameters():
         p.requires_grad_(False)
-    return model.eval(), wiring(tokens)
+    return model.eval(), wiring(tokens), unprocessed

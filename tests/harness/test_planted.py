@@ -134,6 +134,18 @@ def test_same_seed_same_weights(planted, inputs):
     assert again.planted == loaded.planted
 
 
+def test_identity_is_the_unprocessed_planted_weights(planted, inputs, monkeypatch):
+    """Processed bits may differ between loads (simulated): the cache identity may not."""
+    import uuid
+
+    loaded, _ = planted
+    monkeypatch.setattr(loaders, "weights_hash", lambda model: uuid.uuid4().hex)
+    again = _load(inputs, SEED, [])
+    assert again.processed_weight_hash != loaded.processed_weight_hash
+    assert again.weight_hash == loaded.weight_hash
+    assert _load(inputs, SEED + 1, []).weight_hash != loaded.weight_hash
+
+
 def test_builder_check_catches_a_miswired_neuron(planted):
     """The builder's own check (it passed for ``planted``, or loading would have raised)
     fails when neurons are held to another neuron's token."""
