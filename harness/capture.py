@@ -72,6 +72,17 @@ class Batch:
     def last_index(self) -> torch.Tensor:  # (batch,) position of each row's last real token
         return self.lengths - 1
 
+    @property
+    def content_mask(self) -> torch.Tensor:
+        """``mask`` without the prepended BOS (position 0 when ``has_bos``): the text's own
+        tokens. SmolLM2's BOS residual norm (~25,000 vs 150-600) dominates any statistic over
+        positions that includes it."""
+        if not self.has_bos:
+            return self.mask
+        out = self.mask.clone()
+        out[:, 0] = False
+        return out
+
 
 def tokenize(model: Any, texts: list[str], *, prepend_bos: bool = True) -> Batch:
     """Right-padded batch; lengths come from tokenising each text alone (pad id may equal a

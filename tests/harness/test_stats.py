@@ -225,3 +225,50 @@ def test_decide_refuses_a_nan(decision: Decision, fields: tuple[str, ...]) -> No
     est = dataclasses.replace(Estimate(0.5, 0.4, 0.6, 5, "b"), **dict.fromkeys(fields, math.nan))
     with pytest.raises(HarnessError, match=f"{decision.statistic} = .* non-finite {', '.join(fields)}"):
         decide(est, decision, "float32")
+
+
+def test_cluster_bootstrap_resamples_equal_explicit_resampling() -> None:
+    """Each draw from sufficient statistics equals Pearson r on the data with the drawn texts
+    repeated (the known answer), and the point is columnwise_pearson."""
+    from harness.stats import cluster_bootstrap_columnwise_pearson
+
+    gen = np.random.default_rng(0)
+    clusters = np.repeat(np.arange(6), [3, 5, 2, 4, 6, 3])
+    x = gen.normal(size=(clusters.size, 7)) * 100 + 1e4  # offset: centring must be right
+    y = x * 0.3 + gen.normal(size=x.shape)
+    seen = []
+
+    def stat(r, axis):
+        seen.append(r.copy())
+        return np.nanmedian(r, axis=axis)
+
+    r, est = cluster_bootstrap_columnwise_pearson(x, y, clusters, stat, np.random.default_rng(5),
+                                                  n_resamples=20, chunk=7)
+    np.testing.assert_allclose(r, columnwise_pearson(x, y))
+    replay = np.random.default_rng(5)
+    draws = np.concatenate(seen[1:])  # seen[0] is the point
+    k = 0
+    for size in (7, 7, 6):
+        w = replay.multinomial(6, np.full(6, 1 / 6), size=size)
+        for counts in w:
+            rows = np.concatenate([np.flatnonzero(clusters == c).repeat(n) for c, n in enumerate(counts)])
+            np.testing.assert_allclose(draws[k], columnwise_pearson(x[rows], y[rows]), rtol=1e-9, atol=1e-12)
+            k += 1
+    assert est.n == 6 and est.ci_low <= est.value <= est.ci_high
+
+
+def test_cluster_bootstrap_widens_what_a_neuron_bootstrap_calls_exact() -> None:
+    """Columns that share positions (every neuron on the same tokens) and nearly the same signal:
+    resampling columns gives a zero-width interval, resampling texts does not."""
+    from harness.stats import cluster_bootstrap_columnwise_pearson
+
+    gen = np.random.default_rng(1)
+    clusters = np.repeat(np.arange(10), 8)
+    base = gen.normal(size=(80, 1))
+    x = base + 1e-9 * gen.normal(size=(80, 50))
+    y = base + 0.8 * gen.normal(size=(80, 1)) + 1e-9 * gen.normal(size=(80, 50))
+    r, clustered = cluster_bootstrap_columnwise_pearson(x, y, clusters, np.nanmedian,
+                                                        np.random.default_rng(2), n_resamples=300)
+    by_neuron = bootstrap(r, np.nanmedian, np.random.default_rng(2), n_resamples=300)
+    assert by_neuron.ci_high - by_neuron.ci_low < 1e-6
+    assert clustered.ci_high - clustered.ci_low > 0.05
