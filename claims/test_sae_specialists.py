@@ -29,7 +29,6 @@ from harness.capture import (
     pool,
     tokenize,
 )
-from harness.errors import HarnessError
 from harness.figures import pyplot
 from harness.saes import depth_trend_problem
 from harness.specialists import (
@@ -41,7 +40,7 @@ from harness.specialists import (
     resample_within_categories,
     scale_free_threshold,
 )
-from harness.stats import Estimate
+from harness.stats import Estimate, percentile_estimate, slope
 
 MIN_TEXTS_PER_CATEGORY = 10  # the source's 10 per category
 N_BOOT = 300
@@ -139,13 +138,7 @@ def _boot(data: SData, fn, rng, n: int = N_BOOT) -> np.ndarray:
 
 def _estimate(value: float, boots: np.ndarray, n: int,
               method: str = "bootstrap-percentile (texts within categories)") -> Estimate:
-    """Percentile interval of the draws; a non-finite draw is a harness error (dropping it
-    would condition the interval on the draws that happened to be defined)."""
-    bad = int((~np.isfinite(boots)).sum())
-    if bad:
-        raise HarnessError(f"{bad} of {boots.size} bootstrap draws are not finite")
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return Estimate(float(value), float(lo), float(hi), n, method)
+    return percentile_estimate(value, boots, n, method)
 
 
 def _require_depths(data: SData, evidence) -> None:
@@ -160,12 +153,13 @@ def _shuffled(data: SData, fn, rng, n: int = N_NULL) -> np.ndarray:
     return np.array([fn(tuple(rng.permutation(np.array(data.labels)).tolist())) for _ in range(n)], dtype=float)
 
 
+def _published_series(claim, quantity: str) -> str:
+    """The source's per-depth numbers for a note, from the registry."""
+    return "/".join(f"{p.value:g}" for p in claim.published_values(quantity))
+
+
 def _null_estimate(draws: np.ndarray) -> Estimate:
-    ok = draws[np.isfinite(draws)]
-    if not ok.size:
-        return Estimate(float("nan"), float("nan"), float("nan"), 0, "label-shuffle null")
-    lo, hi = np.percentile(ok, [2.5, 97.5])
-    return Estimate(float(ok.mean()), float(lo), float(hi), int(ok.size), "label-shuffle null (mean, 95% range)")
+    return percentile_estimate(float(np.mean(draws)), draws, draws.size, "label-shuffle null (mean, 95% range)")
 
 
 # --- S1: the padding matrix ---------------------------------------------------------------------
@@ -188,10 +182,9 @@ def test_padding_masking_raises_specialist_counts(saes, s_data, texts, kind, evi
                     padding_matrix=matrix, depths=list(s_data.depths),
                     thresholds={h: s_data.threshold(kind, h) for h in s_data.hooks})
     for p in POOLING_POLICIES:
-        evidence.record(f"specialists_{p.name}", Estimate(
-            float(sum(matrix[p.name])), *np.percentile(
-                _boot(s_data, lambda rows, p=p: sum(_counts(s_data, kind, p, rows)), rng, n=100), [2.5, 97.5]),
-            len(s_data.labels), "bootstrap-percentile (texts within categories)"),
+        evidence.record(f"specialists_{p.name}", _estimate(
+            float(sum(matrix[p.name])),
+            _boot(s_data, lambda rows, p=p: sum(_counts(s_data, kind, p, rows)), rng, n=100), len(s_data.labels)),
             description=f"specialists summed over depths {s_data.depths} under {p.name} pooling",
             per_depth=matrix[p.name])
     _padding_decomposition(evidence, s_data, kind, matrix, rng)
@@ -314,19 +307,6 @@ def _figure_heatmap(evidence, data: SData, per_cat, kind) -> None:
 # --- S3, S4: coverage and peak against depth ----------------------------------------------------
 
 
-def _slope(y) -> float:
-    """Least-squares slope of y against 0, 1, 2, ...: written out so that equal y give exactly 0
-    (np.polyfit returned -2e-16 for four equal coverages: a 'falling' trend made of rounding)."""
-    y = np.asarray(y, dtype=float)
-    x = np.arange(y.size, dtype=float) - (y.size - 1) / 2  # centred: exact in float64
-    return float(np.dot(x, y - y[0]) / np.dot(x, x))  # y - y[0] is exactly 0 where y is constant
-
-
-def _published_series(claim, quantity: str) -> str:
-    """The source's per-depth numbers for a note, from the registry."""
-    return "/".join(f"{p.value:g}" for p in claim.published_values(quantity))
-
-
 @pytest.mark.claim(id="S3")
 def test_most_frequent_feature_coverage_falls_with_depth(saes, s_data, texts, claim, evidence, rng):
     _require_texts(texts, evidence)
@@ -341,7 +321,7 @@ def test_most_frequent_feature_coverage_falls_with_depth(saes, s_data, texts, cl
     def slope(covs) -> float:
         # On counts (integers), then per text: shares k/n differ by rounding, and a slope that is
         # 0 in exact arithmetic came out as +1.1e-17 on the random twin, deciding a verdict.
-        return _slope([round(c * n_texts) for c in covs]) / n_texts
+        return slope([round(c * n_texts) for c in covs]) / n_texts
 
     cov = [most_frequent_coverage(s_data.codes[(h, MASKED.name)]) for h in s_data.hooks]
     boots = _boot(s_data, lambda rows: slope(coverage(rows)), rng)
@@ -363,8 +343,8 @@ def test_peak_activation_grows_with_depth(saes, s_data, texts, claim, evidence, 
                                        else s_data.codes[(h, MASKED.name)][rows]) for h in s_data.hooks])
 
     peaks = np.exp(log_peaks())
-    boots = _boot(s_data, lambda rows: _slope(log_peaks(rows)), rng)
-    evidence.record("log_peak_slope", _estimate(_slope(np.log(peaks)), boots, len(s_data.labels)),
+    boots = _boot(s_data, lambda rows: slope(log_peaks(rows)), rng)
+    evidence.record("log_peak_slope", _estimate(slope(np.log(peaks)), boots, len(s_data.labels)),
                     description=f"slope of log peak pooled code per depth step over depths {s_data.depths}",
                     peaks=dict(zip(s_data.depths, peaks.tolist(), strict=True)))
     evidence.note(f"peak pooled code per depth: {[round(float(p), 2) for p in peaks]} "

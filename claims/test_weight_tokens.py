@@ -24,7 +24,7 @@ from harness.agreement import (
 from harness.figures import pyplot
 from harness.geometry import GeometryDefinition, definitions_for, method2_topk
 from harness.harvest import harvest, mlp_neurons_spec
-from harness.stats import Estimate, bootstrap, claim_rng
+from harness.stats import Estimate, bootstrap, claim_rng, percentile_estimate, slope
 from harness.subjects import RAW
 
 K = 20
@@ -144,11 +144,6 @@ def _per_layer_table(w_data: WData) -> list[dict]:
     return rows
 
 
-def _slope(y: np.ndarray) -> float:
-    x = np.arange(len(y), dtype=float)
-    return float(np.polyfit(x, y, 1)[0])
-
-
 @pytest.mark.claim(id="W2")
 def test_agreement_falls_with_depth(w_data, evidence, rng):
     label = _label(w_data.headline)
@@ -156,19 +151,19 @@ def test_agreement_falls_with_depth(w_data, evidence, rng):
     means = np.array([v.mean() for v in per_layer])
     boots = np.empty(2000)
     for b in range(len(boots)):  # resample neurons within each layer
-        boots[b] = _slope(np.array([v[rng.integers(0, len(v), len(v))].mean() for v in per_layer]))
-    lo, hi = np.percentile(boots, [2.5, 97.5])
+        boots[b] = slope(np.array([v[rng.integers(0, len(v), len(v))].mean() for v in per_layer]))
     evidence.record("jaccard_slope_per_layer",
-                    Estimate(_slope(means), float(lo), float(hi), int(sum(map(len, per_layer))), "bootstrap-percentile"),
+                    percentile_estimate(slope(means), boots, int(sum(map(len, per_layer))),
+                                        "bootstrap-percentile (neurons within layers)"),
                     description=f"least-squares slope of per-layer mean Jaccard vs layer ({label})")
     if w_data.layers > 3:
         # Is the trend more than the first layer? The same slope without layer 0.
-        rest = _slope(means[1:])
-        boots_rest = np.array([_slope(np.array([v[rng.integers(0, len(v), len(v))].mean() for v in per_layer[1:]]))
+        rest = slope(means[1:])
+        boots_rest = np.array([slope(np.array([v[rng.integers(0, len(v), len(v))].mean() for v in per_layer[1:]]))
                                for _ in range(500)])
-        lo_r, hi_r = np.percentile(boots_rest, [2.5, 97.5])
         evidence.record("jaccard_slope_without_layer_0",
-                        Estimate(rest, float(lo_r), float(hi_r), int(sum(map(len, per_layer[1:]))), "bootstrap-percentile"),
+                        percentile_estimate(rest, boots_rest, int(sum(map(len, per_layer[1:]))),
+                                            "bootstrap-percentile (neurons within layers)"),
                         description="the same slope over layers 1..L-1 (is the fall carried by layer 0 alone?)")
     table = _per_layer_table(w_data)
     evidence.record("jaccard_first_minus_last",

@@ -179,6 +179,34 @@ def cluster_bootstrap_columnwise_pearson(
                        f"cluster bootstrap over {labels.size} texts", confidence)
 
 
+def percentile_estimate(value: float, draws: np.ndarray, n: int, method: str,
+                        confidence: float = 0.95) -> Estimate:
+    """Estimate(value, percentile interval of ``draws``): the one percentile-interval helper
+    for resampling loops written out by hand (stratified, cluster, nested). A non-finite draw
+    is a HarnessError: dropping it would condition the interval on the draws that happened to
+    be defined."""
+    draws = np.asarray(draws, dtype=float)
+    bad = int((~np.isfinite(draws)).sum())
+    if bad:
+        raise HarnessError(f"{method}: {bad} of {draws.size} resampled values are not finite")
+    if draws.size < 2:
+        raise ValueError(f"an interval needs at least 2 draws, got {draws.size}")
+    alpha = (1 - confidence) / 2
+    lo, hi = np.percentile(draws, [100 * alpha, 100 * (1 - alpha)])
+    return Estimate(float(value), float(lo), float(hi), int(n), method, confidence)
+
+
+def slope(y: np.ndarray) -> float:
+    """Least-squares slope of ``y`` against 0, 1, 2, ... (one step per depth or layer), written
+    out so that equal y give exactly 0: np.polyfit returned -2e-16 for four equal values, a
+    'falling' trend made of rounding (it decided S3 once)."""
+    y = np.asarray(y, dtype=float)
+    if y.ndim != 1 or y.size < 2:
+        raise ValueError(f"a slope needs a 1-d series of at least 2 values, got shape {y.shape}")
+    x = np.arange(y.size, dtype=float) - (y.size - 1) / 2  # centred: exact in float64
+    return float(np.dot(x, y - y[0]) / np.dot(x, x))  # y - y[0] is exactly 0 where y is constant
+
+
 def require_finite(estimate: Estimate, where: str) -> Estimate:
     """``estimate`` unchanged, or HarnessError naming ``where`` and the non-finite fields: a
     NaN headline is an error to locate, never a verdict (it used to read as inconclusive)."""

@@ -272,3 +272,26 @@ def test_cluster_bootstrap_widens_what_a_neuron_bootstrap_calls_exact() -> None:
     by_neuron = bootstrap(r, np.nanmedian, np.random.default_rng(2), n_resamples=300)
     assert by_neuron.ci_high - by_neuron.ci_low < 1e-6
     assert clustered.ci_high - clustered.ci_low > 0.05
+
+
+def test_slope_known_answers() -> None:
+    from harness.stats import slope
+
+    assert slope([1.0, 1.0, 1.0, 1.0]) == 0.0  # exactly: np.polyfit gave -2e-16
+    assert slope([0.514, 0.514, 0.514]) == 0.0
+    assert slope([0.0, 1.0, 2.0, 3.0]) == pytest.approx(1.0)
+    assert slope([3.0, 1.0]) == pytest.approx(-2.0)
+    np.testing.assert_allclose(slope(np.array([0.3, 0.1, 0.9, 0.2])),
+                               np.polyfit(np.arange(4.0), [0.3, 0.1, 0.9, 0.2], 1)[0], rtol=1e-12)
+    with pytest.raises(ValueError):
+        slope([1.0])
+
+
+def test_percentile_estimate_refuses_non_finite_draws() -> None:
+    from harness.stats import percentile_estimate
+
+    est = percentile_estimate(0.5, np.linspace(0, 1, 101), 9, "m")
+    assert (est.value, est.n, est.method) == (0.5, 9, "m")
+    assert (est.ci_low, est.ci_high) == (pytest.approx(0.025), pytest.approx(0.975))
+    with pytest.raises(HarnessError, match="1 of 3 resampled values are not finite"):
+        percentile_estimate(0.5, np.array([0.1, np.nan, 0.2]), 3, "m")
