@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.errors import HarnessError
 from harness.registry import INCONCLUSIVE_CODES, Claim
 from harness.stats import Estimate, decide, require_finite
 
@@ -95,6 +96,8 @@ class ClaimEvidence:
     estimates: dict[str, Estimate] = field(default_factory=dict)
     """The recorded estimates as measured (``statistics`` holds their JSON-safe form, where a
     NaN is the string 'nan'); ``judge`` decides on these."""
+    nulls: dict[str, Any] = field(default_factory=dict)
+    """The null recorded with each statistic (an Estimate or a number), as measured."""
     seed_spread: Any = None
     """The claim test's :class:`harness.seed_spread.SeedSpread` on this subject (SAE-based
     claims, when measured): a verdict that differs between SAE training seeds is reported as
@@ -136,6 +139,8 @@ class ClaimEvidence:
         entry.update(extra)
         self.statistics[name] = _clean(entry)
         self.estimates[name] = estimate
+        if null is not None:
+            self.nulls[name] = null
         return estimate
 
     def note(self, text: str) -> None:
@@ -213,11 +218,19 @@ class ClaimEvidence:
         require_finite(est, f"{self.claim.id} on {self.subject_id}: headline {d.statistic}")
         self.verdict = self.raw_verdict = decide(est, d, self.dtype)
         self.code = "interval" if self.verdict == "inconclusive" else None
+        beats, against = self._against(est)
+        if self.verdict == "supported" and not beats:
+            self.verdict = self.raw_verdict = "inconclusive"
+            self.code = "null"
+        if against:
+            self.note(f"Judged against {against}: {'passed' if beats else 'NOT passed'}.")
         bound = list(d.bounds) if d.direction == "between" else d.threshold_for(self.dtype)
         message = (
             f"{self.claim.id} {self.verdict} on {self.subject_id}: {self.claim.statement!r} — "
             f"{d.statistic} = {est}, claim needs it {d.direction} {bound}"
         )
+        if self.code == "null":
+            message += f", and beyond its null ({against}): it is not"
         spread = self.seed_spread
         if spread is not None:
             self.band = spread.tolerance(est, self.dtype)
@@ -236,6 +249,39 @@ class ClaimEvidence:
         if self.verdict == "inconclusive":
             raise ClaimInconclusive(message, self.code)
         return self.verdict
+
+    def _against(self, est: Estimate) -> tuple[bool, str]:
+        """(whether the headline's interval beats the claim's null, a description of the null).
+
+        'above': the interval lies entirely above the null's range; 'below': entirely below;
+        'between' (a claim that something is at chance level): the interval overlaps the
+        null's range. A null without an interval counts as its value."""
+        d = self.claim.decision
+        kind, value = next(iter((d.against or {"none": ""}).items()))
+        if kind == "none":
+            return True, ""
+        name = d.statistic if kind == "from" else value
+        null = self.nulls.get(name) if kind == "from" else self.estimates.get(name)
+        if null is None:
+            raise HarnessError(f"{self.claim.id}: the registry judges it against "
+                               f"{'the null recorded with ' if kind == 'from' else ''}{name!r}, "
+                               "which the test never recorded")
+        if isinstance(null, Estimate):
+            lo, hi = null.ci_low, null.ci_high
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                lo = hi = null.value
+        else:
+            lo = hi = float(null)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise HarnessError(f"{self.claim.id}: its null {name!r} is not finite ({null})")
+        if d.direction == "above":
+            beats = est.ci_low > hi
+        elif d.direction == "below":
+            beats = est.ci_high < lo
+        else:
+            beats = not (est.ci_high < lo or est.ci_low > hi)
+        where = "the null recorded with it" if kind == "from" else name
+        return beats, f"{where} [{lo:.4g}, {hi:.4g}]"
 
     def drift_message(self) -> str | None:
         """Why the run fails although the verdict may match: the headline left its band."""

@@ -29,6 +29,8 @@ INCONCLUSIVE_CODES = {
                              "below the detector's bound)",
     "not-applicable": "the claim's definition cannot apply to this subject (e.g. its relative "
                       "depths collapse onto too few layers)",
+    "null": "the headline passes its threshold but not its null: the interval does not lie "
+            "beyond the null's range (or, for a 'between' claim, is distinguishable from it)",
 }
 """Why a claim ended inconclusive: every ``ClaimInconclusive`` carries one of these codes, and
 an expected inconclusive in the registry names the code it expects (``inconclusive/interval``),
@@ -80,6 +82,13 @@ class Decision:
     """(low, high) for ``between``."""
     rationale: str = ""
     """Why this threshold: what the claim's words ('far from 1', 'well') are taken to mean."""
+    against: Mapping[str, str] | None = None
+    """The null or control the claim is judged against besides its threshold, exactly one of:
+    ``{from: headline}`` (the null recorded with the headline statistic),
+    ``{statistic: NAME}`` (another recorded statistic is the null), or
+    ``{none: WHY}`` (why no null applies, e.g. an identity, or a headline that is already an
+    excess over its null). A threshold-supported claim whose interval does not lie beyond its
+    null's range (for 'between': overlaps it) ends inconclusive with code 'null'."""
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -89,6 +98,14 @@ class Decision:
                 raise RegistryError("direction 'between' needs bounds [low, high] with low < high")
         elif self.threshold is None:
             raise RegistryError(f"direction {self.direction!r} needs a threshold")
+        a = self.against
+        if a is None:  # built in code (tests); a registry entry must state it (_claim_from)
+            return
+        if not isinstance(a, Mapping) or len(a) != 1 or next(iter(a)) not in ("from", "statistic", "none") \
+                or not str(next(iter(a.values()))).strip() or a.get("from", "headline") != "headline":
+            raise RegistryError(
+                "decision needs against: exactly one of {from: headline}, {statistic: NAME} or "
+                f"{{none: WHY}} (the null or control the claim is judged against), got {a!r}")
 
     def threshold_for(self, dtype: str) -> float:
         """The threshold in force for ``dtype``; raises when a per-dtype table lacks it."""
@@ -211,6 +228,12 @@ def _claim_from(cid: str, raw: Any, where: str) -> Claim:
         dec = dict(raw["decision"])
         if "bounds" in dec:
             dec["bounds"] = tuple(float(b) for b in dec["bounds"])
+        if "against" not in dec:
+            raise RegistryError("decision needs against: {from: headline}, {statistic: NAME} or "
+                                "{none: WHY} (the null or control the claim is judged against)")
+        if isinstance(dec.get("against"), Mapping):
+            dec["against"] = MappingProxyType({str(k): " ".join(str(v).split())
+                                               for k, v in dec["against"].items()})
         decision = Decision(**dec)
         published = tuple(Published(**p) for p in raw.get("published") or ())
     except (TypeError, RegistryError) as exc:

@@ -631,7 +631,7 @@ claims:
     source: a test source
     statement: The statistic r is large.
     definition: r as the test records it
-    decision: {statistic: r, direction: above, threshold: 0.5}
+    decision: {statistic: r, direction: above, threshold: 0.5, against: {none: a test claim}}
 """
 """A one-claim registry for plugin tests run through pytester (others append claims)."""
 
@@ -642,6 +642,6 @@ W1_NEAR_ZERO = """\
     source: a test source
     statement: The mean is near zero.
     definition: mean
-    decision: {statistic: m, direction: between, bounds: [-0.1, 0.1]}
+    decision: {statistic: m, direction: between, bounds: [-0.1, 0.1], against: {none: a test claim}}
 """
 """A W1 claim to append to H1_REGISTRY (add an ``expected:`` line after it where wanted)."""

@@ -322,3 +322,53 @@ def test_per_unit_data_round_trips_and_is_listed_with_its_sha256(tmp_path: Path)
         ev.data("bad", {"a": [1, 2], "b": [1]}, "x")
     with pytest.raises(ValueError, match="plain file name part"):
         ev.data("a/b", {"a": [1]}, "x")
+
+
+@pytest.mark.parametrize(
+    ("direction", "estimate", "null", "verdict", "code"),
+    [
+        ("above", Estimate(0.8, 0.7, 0.9, 50, "b"), Estimate(0.1, 0.0, 0.2, 50, "n"), "supported", None),
+        # beats the threshold, not the null: R3's case (-0.28 vs random firings' -0.42)
+        ("above", Estimate(0.8, 0.7, 0.9, 50, "b"), Estimate(0.75, 0.6, 0.8, 50, "n"), "inconclusive", "null"),
+        ("above", Estimate(0.8, 0.7, 0.9, 50, "b"), 0.95, "inconclusive", "null"),  # a bare number
+        ("below", Estimate(-0.3, -0.35, -0.25, 50, "b"), Estimate(-0.42, math.nan, math.nan, 50, "n"),
+         "inconclusive", "null"),
+        ("below", Estimate(-0.3, -0.35, -0.25, 50, "b"), Estimate(-0.1, -0.2, 0.0, 50, "n"), "supported", None),
+        ("above", Estimate(0.2, 0.1, 0.3, 50, "b"), Estimate(0.0, -0.1, 0.05, 50, "n"), "refuted", None),
+    ],
+)
+def test_a_claim_is_judged_against_its_null(tmp_path: Path, direction, estimate, null, verdict, code) -> None:
+    threshold = 0.5 if direction == "above" else 0.0
+    d = Decision("r", direction, threshold=threshold, against={"from": "headline"})
+    ev = _evidence(tmp_path, d)
+    ev.record("r", estimate, null=null)
+    if verdict == "supported":
+        assert ev.judge() == "supported"
+    else:
+        with pytest.raises(ClaimRefuted if verdict == "refuted" else ClaimInconclusive):
+            ev.judge()
+    assert (ev.verdict, ev.code) == (verdict, code)
+    assert any(n.startswith("Judged against the null recorded with it") for n in ev.notes)
+
+
+def test_a_between_claim_must_overlap_its_null_and_a_missing_null_is_an_error(tmp_path: Path) -> None:
+    d = Decision("m", "between", bounds=(-0.1, 0.1), against={"from": "headline"})
+    ev = _evidence(tmp_path, d)
+    ev.record("m", Estimate(0.05, 0.04, 0.06, 9, "b"), null=Estimate(0.0, -0.01, 0.01, 9, "n"))
+    with pytest.raises(ClaimInconclusive):  # within bounds, but distinguishable from chance
+        ev.judge()
+    ev = _evidence(tmp_path, d)
+    ev.record("m", Estimate(0.005, -0.01, 0.02, 9, "b"), null=Estimate(0.0, -0.01, 0.01, 9, "n"))
+    assert ev.judge() == "supported"
+    ev = _evidence(tmp_path, Decision("m", "between", bounds=(-0.1, 0.1), against={"statistic": "nul"}))
+    ev.record("m", Estimate(0.005, -0.01, 0.02, 9, "b"))
+    with pytest.raises(HarnessError, match="judges it against 'nul', which the test never recorded"):
+        ev.judge()
+
+
+def test_every_registry_claim_names_what_it_is_judged_against() -> None:
+    from harness.registry import Registry
+
+    real = Registry.load(Path(__file__).resolve().parents[2] / "fixtures" / "claims.yaml")
+    for claim in real.claims.values():
+        assert claim.decision.against is not None and len(claim.decision.against) == 1, claim.id

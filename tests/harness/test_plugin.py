@@ -33,6 +33,7 @@ REGISTRY = H1_REGISTRY + """\
       statistic: err
       direction: below
       threshold: {float32: 1.0e-4, float64: 1.0e-10}
+      against: {none: a test claim}
     expected: {smollm2-135m: refuted}
 """ + W1_NEAR_ZERO + """\
     expected: {smollm2-135m: refuted}
@@ -356,7 +357,7 @@ def _marked(marker: str) -> str:
                      ("claim H1: direction must be one of", "not 'upward'"),
                      id="registry-bad-direction"),
         pytest.param(VALID_TEST, ("  W1:\n", "  H2:\n"), [],
-                     ("claims.yaml is not valid YAML: found duplicate key 'H2' at line 21",),
+                     ("claims.yaml is not valid YAML: found duplicate key 'H2' at line 22",),
                      id="registry-duplicate-id"),
     ],
 )
@@ -583,8 +584,8 @@ def test_variant(evidence, kind):
 
 def test_expected_verdict_of_one_parametrized_variant(pytester: pytest.Pytester) -> None:
     registry = REGISTRY.replace(
-        "    decision: {statistic: r, direction: above, threshold: 0.5}\n",
-        "    decision: {statistic: r, direction: above, threshold: 0.5}\n"
+        "    decision: {statistic: r, direction: above, threshold: 0.5, against: {none: a test claim}}\n",
+        "    decision: {statistic: r, direction: above, threshold: 0.5, against: {none: a test claim}}\n"
         "    expected: {'smollm2-135m[loose]': refuted}\n", 1)
     _project(pytester, VARIANTS, registry=registry)
     result = _run(pytester, f"--evidence-dir={pytester.path / 'ev'}", "-rA")

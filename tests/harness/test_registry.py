@@ -25,6 +25,7 @@ claims:
       statistic: max_err
       direction: below
       threshold: {float32: 1.0e-4, float64: 1.0e-10}
+      against: {none: a test claim}
     published:
       - {quantity: max err, value: 0.0, subject: gpt2-small L8, provenance: paper table 1}
     expected: {smollm2-135m: refuted, 'smollm2-135m[scale-free]': inconclusive/interval}
@@ -34,7 +35,7 @@ claims:
     source: a thesis, chapter 3
     statement: near zero
     definition: mean r
-    decision: {statistic: mean_r, direction: between, bounds: [-0.1, 0.1]}
+    decision: {statistic: mean_r, direction: between, bounds: [-0.1, 0.1], against: {none: a test claim}}
 """
 
 
@@ -148,7 +149,7 @@ def test_threshold_for_a_missing_dtype_raises(tmp_path: Path) -> None:
         pytest.param("schema_version: 1", "schema_version: 2", "schema_version 2", id="schema"),
         pytest.param("schema_version: 1\n", "schema_version: 1\nextra: 1\n",
                      "exactly schema_version and claims", id="top-level-key"),
-        pytest.param("  W1:\n", "  H1:\n", "found duplicate key 'H1' at line 18, column 3",
+        pytest.param("  W1:\n", "  H1:\n", "found duplicate key 'H1' at line 19, column 3",
                      id="duplicate-id"),
         pytest.param("    title: a range\n", "    title: a range\n    title: again\n",
                      "found duplicate key 'title'", id="duplicate-field"),
@@ -176,9 +177,9 @@ def test_missing_registry_file_raises(tmp_path: Path) -> None:
 def test_yaml_merge_keys_may_be_overridden(tmp_path: Path) -> None:
     """Duplicate detection must not reject a '<<' merge whose key is then overridden."""
     text = GOOD.replace(
-        "    decision: {statistic: mean_r, direction: between, bounds: [-0.1, 0.1]}",
+        "    decision: {statistic: mean_r, direction: between, bounds: [-0.1, 0.1], against: {none: a test claim}}",
         "    decision:\n      <<: {statistic: other, direction: between, bounds: [-0.1, 0.1]}\n"
-        "      statistic: mean_r",
+        "      statistic: mean_r\n      against: {none: a test claim}",
     )
     assert Registry.load(_write(tmp_path, text))["W1"].decision.statistic == "mean_r"
 
