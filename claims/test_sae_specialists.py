@@ -318,14 +318,14 @@ def test_most_frequent_feature_coverage_falls_with_depth(saes, s_data, texts, cl
 
     n_texts = len(s_data.labels)  # a stratified resample keeps the number of texts
 
-    def slope(covs) -> float:
+    def coverage_slope(covs) -> float:
         # On counts (integers), then per text: shares k/n differ by rounding, and a slope that is
         # 0 in exact arithmetic came out as +1.1e-17 on the random twin, deciding a verdict.
         return slope([round(c * n_texts) for c in covs]) / n_texts
 
     cov = [most_frequent_coverage(s_data.codes[(h, MASKED.name)]) for h in s_data.hooks]
-    boots = _boot(s_data, lambda rows: slope(coverage(rows)), rng)
-    evidence.record("coverage_slope", _estimate(slope([c for _, c in cov]), boots, n_texts),
+    boots = _boot(s_data, lambda rows: coverage_slope(coverage(rows)), rng)
+    evidence.record("coverage_slope", _estimate(coverage_slope([c for _, c in cov]), boots, n_texts),
                     description=f"slope of most-frequent-feature coverage per depth step over depths {s_data.depths}",
                     coverage={d: {"feature": f, "coverage": c} for d, (f, c) in zip(s_data.depths, cov, strict=True)})
     evidence.note(f"coverage per depth: {[round(c, 3) for _, c in cov]} (source: "

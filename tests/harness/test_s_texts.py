@@ -36,7 +36,9 @@ def _run(pytester: pytest.Pytester, run_state, rows: list[dict]) -> dict:
     )
     # Exit 0 or 1 (a claim may be refuted on someone's texts: a result); never a usage error.
     assert result.ret in (0, 1), "\n".join(result.outlines[-60:] + result.errlines[-30:])
-    doc = json.loads((evidence / "smollm2-135m" / "evidence.json").read_text())
+    [run_dir] = evidence.iterdir()  # the user's texts: a report directory of their own
+    assert run_dir.name.startswith("smollm2-135m@float32-seed0-texts")
+    doc = json.loads((run_dir / "evidence.json").read_text())
     for c in doc["claims"]:
         assert "user_texts.jsonl" in c["inputs"]["texts"]["source"], c["inputs"]["texts"]
     return doc
