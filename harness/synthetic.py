@@ -134,6 +134,34 @@ def train_sae(cfg: SyntheticConfig, feature_dict: FeatureDictionary,
     return sae
 
 
+class ShuffledDimensions(torch.nn.Module):
+    """A feature dictionary whose outputs have every hidden dimension permuted independently
+    across the samples of a batch: each dimension's marginal distribution is kept, the
+    directions (the ground-truth features) are destroyed. An SAE trained on it is R1's null:
+    what the same training 'recovers' from data with the same marginals and no features (a
+    random dictionary is too easy a null: it is never trained)."""
+
+    def __init__(self, feature_dict: FeatureDictionary, seed: int) -> None:
+        super().__init__()
+        self.feature_dict = feature_dict
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def feature_vectors(self) -> Tensor:
+        return self.feature_dict.feature_vectors
+
+    def forward(self, features: Tensor) -> Tensor:
+        hidden = self.feature_dict(features)  # (batch, hidden_dim)
+        keys = torch.rand(hidden.shape, generator=self.generator).to(hidden.device)
+        return torch.gather(hidden, 0, keys.argsort(dim=0))  # each column permuted on its own
+
+
+def shuffled_seed(seed: int) -> int:
+    """The shuffled-data SAE's seed, from its own SeedSequence stream (the four of
+    SyntheticSeeds stay what they were)."""
+    return int(np.random.SeedSequence([seed, 1]).generate_state(1)[0])
+
+
 def random_dictionary(n_rows: int, dim: int, seed: int) -> Tensor:
     """(n_rows, dim) i.i.d. Gaussian rows: directions uniform on the sphere (the null)."""
     g = torch.Generator().manual_seed(seed)
@@ -234,6 +262,14 @@ class SyntheticRun:
     null_decoder: Tensor
     """(d_sae, hidden_dim) random dictionary of the SAE decoder's shape."""
     train_seconds: float
+    shuffled_sae: TopKTrainingSAE | None = None
+    """The same SAE trained the same way on dimension-shuffled data (ShuffledDimensions)."""
+
+    @property
+    def shuffled_decoder(self) -> Tensor:
+        if self.shuffled_sae is None:
+            raise ValueError("this run trained no shuffled-data SAE")
+        return self.shuffled_sae.W_dec.detach()  # (d_sae, d)
 
     @property
     def true_features(self) -> Tensor:
@@ -245,11 +281,14 @@ class SyntheticRun:
 
 
 def run(cfg: SyntheticConfig, seed: int) -> SyntheticRun:
-    """Make data, train the SAE and draw the null, each from its own seed spawned from ``seed``."""
+    """Make data, train the SAE, draw the random null and train the shuffled-data SAE, each
+    from its own seed spawned from ``seed``."""
     seeds = SyntheticSeeds.from_int(seed)
     feature_dict, generator = make_data(cfg, seeds.dictionary)
     start = time.perf_counter()
     sae = train_sae(cfg, feature_dict, generator, seeds.training)
     seconds = time.perf_counter() - start
     null = random_dictionary(cfg.d_sae, cfg.hidden_dim, seeds.null)
-    return SyntheticRun(cfg, seeds, feature_dict, generator, sae, null, seconds)
+    shuffled = train_sae(cfg, ShuffledDimensions(feature_dict, shuffled_seed(seed)), generator,
+                         seeds.training)
+    return SyntheticRun(cfg, seeds, feature_dict, generator, sae, null, seconds, shuffled)

@@ -151,3 +151,23 @@ def test_true_features_are_unit_norm_and_heldout_matches_sae_lens_eval() -> None
     assert h.true_l0.mean() == pytest.approx(ev.true_l0)
     assert fraction_variance_explained(h.sq_err, h.sq_dev) == pytest.approx(ev.explained_variance, abs=1e-4)
     assert np.all(h.sae_l0 <= TINY.k)
+
+
+def test_shuffled_dimensions_keep_each_marginal_and_lose_the_features() -> None:
+    """R1's null data: every column is a permutation of the real column (marginals kept), the
+    rows are no longer sums of the dictionary's features, and a seed fixes the shuffle."""
+    import torch
+
+    from harness.synthetic import ShuffledDimensions, make_data
+
+    cfg = synthetic.SyntheticConfig()
+    fd, gen = make_data(cfg, seed=3)
+    feats = gen.sample(512)
+    real = fd(feats)
+    a = ShuffledDimensions(fd, seed=7)(feats)
+    b = ShuffledDimensions(fd, seed=7)(feats)
+    assert torch.equal(a, b)
+    assert torch.equal(a.sort(dim=0).values, real.sort(dim=0).values)
+    assert not torch.equal(a, real)
+    # the real rows lie in the features' span with sparse codes; shuffled rows do not match them
+    assert (a - real).abs().mean() > 0.1 * real.abs().mean()
