@@ -327,6 +327,31 @@ class ClaimEvidence:
         )
 
 
+def training_contrast(record: dict, twin: dict | None, twin_path: str) -> dict:
+    """Trained-minus-twin contrast of a claim record's headline (the same claim test on the
+    random-init twin, from the twin's report): the difference of the two estimates, with an
+    interval from their half-widths added in quadrature (a normal approximation for two
+    independent runs, stated in ``method``), and whether the claim also holds at random init.
+    ``twin`` None: what is missing and how to get it."""
+    if twin is None:
+        return {"unavailable": f"no twin record of this test in {twin_path}: run the claims on the "
+                               "random-init twin first (nox -s \"claims(SUBJECT:random)\")"}
+    try:
+        name = next(n for n, s in record["statistics"].items() if "threshold" in s)
+        a, b = record["statistics"][name]["estimate"], twin["statistics"][name]["estimate"]
+        va, la, ha, vb, lb, hb = (float(x) for x in (a["value"], a["ci_low"], a["ci_high"],
+                                                     b["value"], b["ci_low"], b["ci_high"]))
+    except (StopIteration, KeyError, TypeError, ValueError):
+        return {"unavailable": f"the twin record in {twin_path} has no comparable headline",
+                "twin_verdict": twin.get("verdict")}
+    half = math.hypot((ha - la) / 2, (hb - lb) / 2)
+    diff = va - vb
+    return {"statistic": name, "trained": va, "twin": vb, "twin_verdict": twin.get("verdict"),
+            "contrast": diff, "ci_low": diff - half, "ci_high": diff + half,
+            "method": "difference of independent estimates, half-widths in quadrature",
+            "also_at_random_init": twin.get("verdict") == "supported", "twin_report": twin_path}
+
+
 DEFAULT_RUN = {"dtype": "float32", "seed": 0}
 
 
@@ -390,6 +415,8 @@ def summary_rows(records: list[dict], run: dict | None = None) -> list[list[str]
             verdict += " (expected)"
         if _earlier(r, run):
             verdict += f" (earlier run, {str(r['run'].get('commit'))[:8]})"
+        if (r.get("training_contrast") or {}).get("also_at_random_init"):
+            verdict += " (also holds at random init)"
         rows.append([r["id"], r.get("test", ""), verdict, stat, ci, thr])
     return rows
 
@@ -470,6 +497,13 @@ def render_markdown(doc: dict) -> str:
             out += [f"Claim: {r['statement']}", ""]
         if r.get("reason"):
             out += [f"Reason: {r['reason']}", ""]
+        tc = r.get("training_contrast")
+        if tc:
+            out += [("Trained minus random-init twin: " + (
+                f"{tc['statistic']} {_fmt(tc['trained'])} - {_fmt(tc['twin'])} = {_fmt(tc['contrast'])} "
+                f"[{_fmt(tc['ci_low'])}, {_fmt(tc['ci_high'])}] ({tc['method']}); twin verdict "
+                f"{tc['twin_verdict']}{': also holds at random init' if tc['also_at_random_init'] else ''}"
+                if "contrast" in tc else tc["unavailable"])), ""]
         if r.get("run"):
             run = r["run"]
             out += [f"Run: commit {run.get('commit')}{' (dirty)' if run.get('dirty') else ''}, "

@@ -36,6 +36,7 @@ from harness.evidence import (
     summary_rows,
     timing_rows,
     timing_total,
+    training_contrast,
 )
 from harness.provenance import run_provenance
 from harness.registry import Expected, Registry, RegistryError
@@ -571,8 +572,33 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
             outcome=report.outcome,
             duration_s=round(call.duration, 3),
         )
+        claim = state.registry[cid]
+        if claim.about_training and not state.spec.random_init and state.spec.kind != "planted" \
+                and verdict != "error":
+            record["training_contrast"] = _twin_contrast(state, record)
         report.user_properties.append((RECORD_KEY, record))
     return report
+
+
+def _twin_contrast(state: RunState, record: dict) -> dict:
+    """The record's trained-minus-twin contrast, from the twin's report in this evidence dir
+    (same dtype, seed and texts), when it holds the same test."""
+    import dataclasses
+    import json
+
+    twin = dataclasses.replace(state.spec, random_init=True)
+    path = state.evidence_dir / run_dir_name(
+        twin.id, dtype=state.spec.dtype, seed=state.seed, sae_seed=state.sae_seed,
+        texts_sha256=state.texts.sha256 if state.user_texts else None) / "evidence.json"
+    twin_record = None
+    if path.exists():
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            twin_record = next((r for r in doc.get("claims", []) if r.get("test") == record["test"]
+                                and r.get("id") == record["id"]), None)
+        except (OSError, ValueError):
+            twin_record = None
+    return training_contrast(record, twin_record, str(path))
 
 
 def _write_table(tr, header: list[str], rows: list[list[str]]) -> None:

@@ -179,6 +179,10 @@ class Claim:
     """subject id (or ``subject id[test parameter id]``) -> verdict measured and reviewed for
     it; the plugin turns an expected 'refuted' or 'inconclusive' into a strict xfail."""
     notes: str = ""
+    about_training: str = ""
+    """Non-empty when the claim is about what training put in the weights (why, in words): its
+    evidence then carries the trained-minus-random-twin contrast (harness.evidence.
+    training_contrast), and the report says "also holds at random init" where it does."""
 
     def published_values(self, quantity: str) -> tuple[Published, ...]:
         """The published numbers for ``quantity`` (exact text, in registry order): the one way
@@ -207,7 +211,7 @@ class Claim:
 
 
 _CLAIM_KEYS = {"family", "title", "source", "statement", "definition", "decision", "published",
-               "expected", "notes"}
+               "expected", "notes", "about_training"}
 _REQUIRED = {"family", "title", "source", "statement", "definition", "decision"}
 
 
@@ -251,6 +255,7 @@ def _claim_from(cid: str, raw: Any, where: str) -> Claim:
         published=published,
         expected=MappingProxyType(expected),
         notes=" ".join(str(raw.get("notes", "")).split()),
+        about_training=" ".join(str(raw.get("about_training", "")).split()),
     )
 
 

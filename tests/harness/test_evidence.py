@@ -372,3 +372,22 @@ def test_every_registry_claim_names_what_it_is_judged_against() -> None:
     real = Registry.load(Path(__file__).resolve().parents[2] / "fixtures" / "claims.yaml")
     for claim in real.claims.values():
         assert claim.decision.against is not None and len(claim.decision.against) == 1, claim.id
+
+
+def _headline_record(value: float, lo: float, hi: float, verdict: str) -> dict:
+    return {"test": "t", "verdict": verdict, "statistics": {"r": {
+        "estimate": {"value": value, "ci_low": lo, "ci_high": hi}, "threshold": 0.0}}}
+
+
+def test_training_contrast_known_answer() -> None:
+    from harness.evidence import training_contrast
+
+    tc = training_contrast(_headline_record(0.61, 0.58, 0.64, "supported"),
+                           _headline_record(0.04, 0.00, 0.08, "supported"), "twin.json")
+    assert tc["contrast"] == pytest.approx(0.57)
+    assert (tc["ci_low"], tc["ci_high"]) == (pytest.approx(0.57 - 0.05), pytest.approx(0.57 + 0.05))
+    assert tc["also_at_random_init"] is True and tc["twin_verdict"] == "supported"
+    assert not training_contrast(_headline_record(0.6, 0.5, 0.7, "supported"),
+                                 _headline_record(0.0, -0.1, 0.1, "inconclusive"), "t")["also_at_random_init"]
+    assert "run the claims on the random-init twin first" in training_contrast(
+        _headline_record(0.6, 0.5, 0.7, "supported"), None, "twin.json")["unavailable"]

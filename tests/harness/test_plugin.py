@@ -693,6 +693,34 @@ def test_a_headline_that_leaves_its_band_fails_the_run(pytester: pytest.Pytester
     _run(pytester, f"--evidence-dir={ev}", "--corpus-contexts=64").assert_outcomes(passed=3)
 
 
+TRAINING = """
+@pytest.mark.claim(id="H1")
+def test_learned(evidence, run_state):
+    value = 0.3 if run_state.spec.random_init else 0.9
+    evidence.record("r", Estimate(value, value - 0.05, value + 0.05, 50, "b"))
+    evidence.judge()
+"""
+
+
+def test_a_claim_about_training_carries_its_trained_minus_twin_contrast(pytester: pytest.Pytester) -> None:
+    """The twin first (its report), then the trained subject: the record gets the contrast;
+    without a twin report it says how to get one."""
+    registry = H1_REGISTRY.replace("    statement: The statistic r is large.\n",
+                                   "    statement: The statistic r is large.\n"
+                                   "    about_training: r is read as learned\n")
+    _project(pytester, TRAINING, registry=registry)
+    ev = pytester.path / "ev"
+    _run(pytester, f"--evidence-dir={ev}").assert_outcomes(passed=1)
+    alone = _records(ev / SUBJECT / "evidence.json")["test_learned"]["training_contrast"]
+    assert "run the claims on the random-init twin first" in alone["unavailable"]
+    _run(pytester, f"--evidence-dir={ev}", f"--subject={SUBJECT}:random").assert_outcomes(failed=1)
+    _run(pytester, f"--evidence-dir={ev}").assert_outcomes(passed=1)
+    tc = _records(ev / SUBJECT / "evidence.json")["test_learned"]["training_contrast"]
+    assert (tc["contrast"], tc["twin_verdict"], tc["also_at_random_init"]) == (
+        pytest.approx(0.6), "refuted", False)
+    assert "Trained minus random-init twin: r 0.9 - 0.3 = 0.6" in (ev / SUBJECT / "evidence.md").read_text()
+
+
 def test_k_selects_by_claim_id_and_by_family(pytester: pytest.Pytester) -> None:
     _project(pytester, XDIST_RECORDS)
     ev = f"--evidence-dir={pytester.path / 'ev'}"
