@@ -59,6 +59,9 @@ def inconsistencies(registry: Registry, spreads: dict[str, dict[str, SeedSpread]
                 if have != want:
                     problems.append(f"{subject} {key}: every seed gave {want}, the registry "
                                     f"records {recorded}")
+                elif expected is not None and expected.code == "seed-unstable":
+                    problems.append(f"{subject} {key}: every seed gave {want}, the registry "
+                                    f"records {recorded}: record the seed-0 run's reason code")
     return problems
 
 

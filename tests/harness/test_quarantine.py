@@ -35,10 +35,13 @@ def test_registry_and_seed_spread_disagreements_are_found() -> None:
     registry = Registry.load(REGISTRY)
     flip = SeedSpread(key="R2", statistic="fve", seeds=(0, 1), verdicts=("refuted", "supported"),
                       estimates=(0.6, 0.95))
-    stable = SeedSpread(key="R3", statistic="s", seeds=(0, 1), verdicts=("refuted", "refuted"),
+    stable = SeedSpread(key="R4", statistic="s", seeds=(0, 1), verdicts=("supported", "supported"),
                         estimates=(0.1, 0.1))
-    problems = inconsistencies(registry, {"smollm2-135m": {"R2": flip, "R3": stable}})
-    assert len(problems) == 2
+    calm = SeedSpread(key="S2[source-5.0]", statistic="s", seeds=(0, 1), verdicts=("inconclusive",) * 2,
+                      estimates=(0.1, 0.1))
+    problems = inconsistencies(registry, {"smollm2-135m": {"R2": flip, "R4": stable, "S2[source-5.0]": calm}})
+    assert len(problems) == 3
+    assert "record the seed-0 run's reason code" in problems[2]
     assert "verdicts differ between seeds (refuted, supported) but the registry records refuted" in problems[0]
-    assert "every seed gave refuted, the registry records supported (nothing recorded)" in problems[1]
+    assert "every seed gave supported, the registry records refuted" in problems[1]
     assert inconsistencies(registry, load(SPREAD_PATH)) == []
