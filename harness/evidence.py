@@ -514,10 +514,16 @@ def render_markdown(doc: dict) -> str:
             e = s["estimate"]
             null = s.get("null")
             null_s = _fmt(null["value"]) if isinstance(null, dict) else _fmt(null)
-            stats_rows.append([name, _fmt(e["value"]), f"[{_fmt(e['ci_low'])}, {_fmt(e['ci_high'])}]",
+            role = ("headline" if "threshold" in s else "co-headline, reported" if s.get("co_headline")
+                    else "reported")
+            stats_rows.append([name, role, _fmt(e["value"]), f"[{_fmt(e['ci_low'])}, {_fmt(e['ci_high'])}]",
                                str(e["n"]), e["method"], null_s, s.get("description", "")])
         if stats_rows:
-            out += [markdown_table(["statistic", "value", "CI", "n", "method", "null", "what"], stats_rows), ""]
+            out += [markdown_table(["statistic", "role", "value", "CI", "n", "method", "null", "what"],
+                                   stats_rows), "",
+                    "Only the headline decides the verdict (with the null or control named in the "
+                    "registry); every other statistic, definition or threshold variant is reported "
+                    "beside it and decides nothing (no best-of-many).", ""]
         if r.get("published"):
             out += ["Published:", ""]
             out += [f"- {p['quantity']} = {p['value']} ({p['subject']}; {p['provenance']})" for p in r["published"]]

@@ -232,7 +232,8 @@ def test_writer_writes_json_and_markdown_after_each_record(tmp_path: Path) -> No
     assert "| claim | test | verdict | headline statistic | 95% CI | threshold |" in md
     assert "| H1 | test_one | supported | r = 0.8 | [0.7, 0.9] | above 0.5 |" in md
     assert "| W1 | test_two | refuted | m = 0.3 | exact | between [-0.1, 0.1] |" in md
-    assert "| r | 0.8 | [0.7, 0.9] | 50 | bootstrap-percentile |  | median r |" in md
+    assert "| r | headline | 0.8 | [0.7, 0.9] | 50 | bootstrap-percentile |  | median r |" in md
+    assert "decides nothing (no best-of-many)" in md
     assert "- r = 0.9 (gpt2-small L8; paper, table 2)" in md  # published, with provenance
     assert sorted(p.name for p in writer.directory.iterdir()) == ["evidence.json", "evidence.md"]
 
@@ -246,7 +247,7 @@ def test_nan_and_inf_are_written_as_strings_never_hidden(tmp_path: Path) -> None
     stat = _strict_json(writer.json_path.read_text())["claims"][0]["statistics"]["r"]
     assert stat["estimate"]["value"] == "nan" and stat["estimate"]["ci_low"] == "nan"
     assert stat["null"] == "inf" and stat["spread"] == "nan"
-    assert "| r | nan | [nan, nan] | 3 |" in writer.md_path.read_text()
+    assert "| r | headline | nan | [nan, nan] | 3 |" in writer.md_path.read_text()
 
 
 def test_atomic_write_leaves_the_old_file_when_the_replace_fails(
