@@ -188,6 +188,7 @@ def test_padding_masking_raises_specialist_counts(saes, s_data, texts, kind, evi
             description=f"specialists summed over depths {s_data.depths} under {p.name} pooling",
             per_depth=matrix[p.name])
     _padding_decomposition(evidence, s_data, kind, matrix, rng)
+    _strong_features_data(evidence, s_data, kind)
     changed = sorted(p for p, c in matrix.items() if c != matrix[MASKED.name])
     evidence.note(f"padding matrix, specialists per depth {s_data.depths} (of {len(set(s_data.labels))} "
                   f"categories): {matrix}; settings that change the count relative to {MASKED.name} "
@@ -208,6 +209,40 @@ def _figure_padding(evidence, data: SData, matrix, kind) -> None:
     ax.legend(fontsize=8)
     evidence.figure(fig, f"padding_policies_{kind}")
     plt.close(fig)
+
+
+def _strong_features_data(evidence, data: SData, kind: str) -> None:
+    """Per (hook, pooling policy, text): the pooled code's strong features (code > the
+    threshold), from which every specialist count of S1, S2 and S6 can be recomputed with
+    harness.specialists' definition (score = strong inside - strong outside, top-5 candidates)."""
+    cols: dict[str, list] = {"hook": [], "policy": [], "text": [], "category": [], "threshold": [],
+                             "strong_features": []}
+    for h in data.hooks:
+        thr = data.threshold(kind, h)
+        for p in POOLING_POLICIES:
+            strong = data.codes[(h, p.name)] > thr  # (n_texts, d_sae)
+            for t, row in enumerate(strong):
+                cols["hook"].append(h)
+                cols["policy"].append(p.name)
+                cols["text"].append(t)
+                cols["category"].append(data.labels[t])
+                cols["threshold"].append(thr)
+                cols["strong_features"].append(np.flatnonzero(row).tolist())
+    evidence.data("strong_features", cols, f"threshold {kind}: per SAE hook, pooling policy and "
+                  "text (in the texts file's order), the features whose pooled code is > threshold")
+    cand: dict[str, list] = {"hook": [], "policy": [], "category": [], "candidates": []}
+    for h in data.hooks:
+        for p in POOLING_POLICIES:
+            for r in data.table(kind, h, p).per_category:
+                cand["hook"].append(h)
+                cand["policy"].append(p.name)
+                cand["category"].append(r.category)
+                cand["candidates"].append(list(r.candidates))
+    evidence.data("candidates", cand, "per SAE hook, pooling policy and category: the top-5 "
+                  "candidate features by peak pooled code inside the category; with strong_features, "
+                  "a category has a specialist when some candidate's strong-inside minus "
+                  "strong-outside count is > 0, and the headline is the masked-nobos count minus the "
+                  "unmasked-bos count, summed over hooks")
 
 
 def _policy(mask: bool, bos: bool) -> PoolingPolicy:

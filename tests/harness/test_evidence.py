@@ -392,3 +392,18 @@ def test_training_contrast_known_answer() -> None:
                                  _headline_record(0.0, -0.1, 0.1, "inconclusive"), "t")["also_at_random_init"]
     assert "run the claims on the random-init twin first" in training_contrast(
         _headline_record(0.6, 0.5, 0.7, "supported"), None, "twin.json")["unavailable"]
+
+
+def test_reports_are_written_with_the_usual_permissions(tmp_path: Path) -> None:
+    """mkstemp's 0600 made evidence files unreadable to anyone else; the umask decides now."""
+    import os
+    import stat
+
+    from harness.evidence import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "r.md", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "r.md").stat().st_mode) == 0o644

@@ -39,9 +39,28 @@ def _run(pytester: pytest.Pytester, run_state, rows: list[dict]) -> dict:
     [run_dir] = evidence.iterdir()  # the user's texts: a report directory of their own
     assert run_dir.name.startswith("smollm2-135m@float32-seed0-texts")
     doc = json.loads((run_dir / "evidence.json").read_text())
+    doc["run_dir"] = run_dir
     for c in doc["claims"]:
         assert "user_texts.jsonl" in c["inputs"]["texts"]["source"], c["inputs"]["texts"]
     return doc
+
+
+def _recomputed_gain(strong_csv: Path, candidates_csv: Path) -> float:
+    """S1's headline from its data files: specialists(masked-nobos) - specialists(unmasked-bos)."""
+    import csv
+
+    strong: dict[tuple[str, str], list[tuple[str, set[int]]]] = {}
+    for r in csv.DictReader(strong_csv.open()):
+        strong.setdefault((r["hook"], r["policy"]), []).append((r["category"], set(json.loads(r["strong_features"]))))
+    count = {"masked-nobos": 0, "unmasked-bos": 0}
+    for r in csv.DictReader(candidates_csv.open()):
+        if r["policy"] not in count:
+            continue
+        texts = strong[(r["hook"], r["policy"])]
+        best = max(sum(f in fs for c, fs in texts if c == r["category"])
+                   - sum(f in fs for c, fs in texts if c != r["category"]) for f in json.loads(r["candidates"]))
+        count[r["policy"]] += best > 0
+    return float(count["masked-nobos"] - count["unmasked-bos"])
 
 
 @pytest.mark.slow
@@ -50,6 +69,7 @@ def test_s_claims_run_on_user_texts(heavy_imports, pytester: pytest.Pytester, ru
     rows = [{**r, "category": rename[r["category"]]} for r in _own_texts() if r["category"] in rename]
     rows = [r for i, r in enumerate(rows) if i % 2 == 0]  # 12 per category
     doc = _run(pytester, run_state, rows)
+    run_dir = doc["run_dir"]
     by_id: dict[str, list[dict]] = {}
     for c in doc["claims"]:
         by_id.setdefault(c["id"], []).append(c)
@@ -63,6 +83,11 @@ def test_s_claims_run_on_user_texts(heavy_imports, pytester: pytest.Pytester, ru
                 assert c["statistics"], (cid, c["reason"])
     s1 = by_id["S1"][0]["statistics"]["specialist_gain_masked_minus_unmasked"]
     assert all(max(counts) <= 3 for counts in s1["padding_matrix"].values())  # 3 categories
+    # The headline recomputed from the per-unit files alone (no model, no SAE).
+    for record in by_id["S1"]:
+        files = {d["file"].rsplit("_", 1)[-1]: run_dir / d["file"] for d in record["data"]}
+        assert _recomputed_gain(files["features.csv"], files["candidates.csv"]) == \
+            record["statistics"]["specialist_gain_masked_minus_unmasked"]["estimate"]["value"]
 
 
 @pytest.mark.slow
