@@ -201,8 +201,10 @@ def test_raw_projection_is_not_the_activation(unfolded, sentences_last, evidence
     rs, per_layer = {}, {}
     for k, x in variants.items():
         proj = np.hstack([_real(x(l) @ gate_weight(model, l), content) for l in range(n_layers)])
+        # 1000 resamples for the headline, 300 for the decomposition (reported, not judged):
+        # each resample reduces ~46,000 columns (~3 s per 1000 on 2 cores).
         r, est = cluster_bootstrap_columnwise_pearson(proj, target, clusters, np.nanmedian, rng,
-                                                      n_resamples=1000)
+                                                      n_resamples=1000 if k == "raw" else 300)
         rs[k] = r
         per_layer[k] = [float(np.nanmedian(r[l * d_mlp:(l + 1) * d_mlp])) for l in range(n_layers)]
         evidence.record(f"median_r_{k}", est,
@@ -216,7 +218,7 @@ def test_raw_projection_is_not_the_activation(unfolded, sentences_last, evidence
     _, bos_est = cluster_bootstrap_columnwise_pearson(
         np.hstack([_real(variants["raw"](l) @ gate_weight(model, l), with_bos) for l in range(n_layers)]),
         np.hstack([_real(cache[f"blocks.{l}.mlp.hook_pre"], with_bos) for l in range(n_layers)]),
-        np.nonzero(with_bos.cpu().numpy())[0], np.nanmedian, rng)
+        np.nonzero(with_bos.cpu().numpy())[0], np.nanmedian, rng, n_resamples=300)
     evidence.record("median_r_raw_with_bos", bos_est,
                     description="median_r_raw with the BOS position kept (not the headline: one "
                     "position per text whose residual norm dwarfs the others)")
