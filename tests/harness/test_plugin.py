@@ -223,7 +223,7 @@ def test_no_evidence_fixture():
 @pytest.mark.claim(id="H1")
 def test_plain_assert(evidence):
     evidence.record("r", Estimate(0.8, 0.7, 0.9, 50, "b"))
-    assert 1 + 1 == 3, "a precondition"
+    assert 1 + 1 == 3, "a precondition"  # deliberately false: a plain assert must be an error
 
 @pytest.mark.claim(id="H1")
 def test_refuted_by_hand(evidence):
