@@ -1,3 +1,3 @@
-"""Root conftest: only loads the suite's pytest plugin (see harness/pytest_plugin.py)."""
+"""Root conftest: only loads the suite's pytest plugin (see harness/evidence/plugin.py)."""
 
-pytest_plugins = ["harness.pytest_plugin"]
+pytest_plugins = ["harness.evidence.plugin"]

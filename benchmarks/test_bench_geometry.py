@@ -1,4 +1,4 @@
-"""Benchmarks of harness/geometry.py: Method-2 scoring of a whole layer at SmolLM2-135M's shape
+"""Benchmarks of harness/analyses/geometry.py: Method-2 scoring of a whole layer at SmolLM2-135M's shape
 against the single GEMM of the same size, the matmul bound (DESIGN.md target: within 1.5x).
 Random tensors, no model. Numbers go to ``benchmark.extra_info``; nothing is asserted about time.
 
@@ -20,8 +20,8 @@ import pytest
 import torch
 from timing import interleaved_best
 
-from harness.geometry import DEFAULT_CHUNK, score_topk
-from harness.topk import StreamingTopK, TopKSpec
+from harness.activations.topk import StreamingTopK, TopKSpec
+from harness.analyses.geometry import DEFAULT_CHUNK, score_topk
 
 D_VOCAB, D_MODEL, D_MLP, K = 49152, 576, 1536, 20  # SmolLM2-135M: vocabulary x one MLP layer
 THREADS = [None, 1]

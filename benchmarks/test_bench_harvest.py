@@ -13,10 +13,10 @@ import time
 import pytest
 import torch
 
-from harness.capture import capture
-from harness.corpus import CorpusRecipe
-from harness.harvest import HarvestSpec, cached_corpus, harvest
-from harness.topk import StreamingTopK, TopKSpec
+from harness.activations.capture import capture
+from harness.activations.harvest import HarvestSpec, cached_corpus, harvest
+from harness.activations.topk import StreamingTopK, TopKSpec
+from harness.data.corpus import CorpusRecipe
 
 BATCH, LENGTH, ROUNDS = 8, 128, 3
 

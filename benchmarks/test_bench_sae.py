@@ -1,7 +1,7 @@
 """Benchmarks of the SAE hot paths on real sae-lens SAEs at the suite's SmolLM2-135M shapes:
 the residual SAEs (d_in 576, d_sae 2304 = 4 x d_model, k 32) and the MLP SAE (d_in 1536,
-d_sae 3072 = 2 x d_mlp, k 64), taken from ``harness.saes.default_sae_specs`` and built as the
-suite builds them (harness.sae_train). Random
+d_sae 3072 = 2 x d_mlp, k 64), taken from ``harness.saes.sources.default_sae_specs`` and built as the
+suite builds them (harness.saes.train). Random
 seeded inputs, no model. Numbers go to ``benchmark.extra_info``; nothing is asserted about time.
 
 - ``sae.encode`` of 4096 activation vectors vs ``torch.addmm(b_enc, x, W_enc)`` of the same
@@ -42,8 +42,8 @@ import pytest
 import torch
 from timing import interleaved_best
 
-from harness.sae_train import new_training_sae, to_inference
-from harness.saes import SAESpec, default_sae_specs, sae_from_state
+from harness.saes.sources import SAESpec, default_sae_specs, sae_from_state
+from harness.saes.train import new_training_sae, to_inference
 
 # SmolLM2-135M's dimensions; the SAE specs are the suite's own (default_sae_specs), so the
 # benchmark follows any change to their size.

@@ -1,4 +1,4 @@
-"""Benchmarks of harness/topk.py: merge cost against the matmul that produces a chunk, and
+"""Benchmarks of harness/activations/topk.py: merge cost against the matmul that produces a chunk, and
 state size against corpus length. Numbers go to ``benchmark.extra_info``; nothing is asserted
 about time.
 
@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from harness.topk import StreamingTopK, TopKSpec
+from harness.activations.topk import StreamingTopK, TopKSpec
 
 N_TOKENS, D_MODEL, D_MLP, K = 2048, 576, 1536, 20  # one chunk of SmolLM2-135M's MLP
 

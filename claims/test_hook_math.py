@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from harness import hookmath
-from harness.capture import capture, tokenize
-from harness.errors import finite_max
-from harness.figures import pyplot
-from harness.prompts import SentenceTemplates, hook_batch
-from harness.stats import (
+from harness.activations.capture import capture, tokenize
+from harness.analyses import hookmath
+from harness.data.prompts import SentenceTemplates, hook_batch
+from harness.evidence.errors import finite_max
+from harness.evidence.figures import pyplot
+from harness.models.subjects import RAW
+from harness.statistics.stats import (
     cluster_bootstrap_columnwise_pearson,
     exact,
     pearson,
 )
-from harness.subjects import RAW
 
 H5_N_SENTENCES = 500  # the source's N
 H5_TEST_FRACTION = 0.3
@@ -334,7 +334,7 @@ def test_linear_readout_predicts_mlp_coordinate(subject, sentences_last, evidenc
     yhat = ridge.predict(X[test])
     res = stats.bootstrap((y[test], yhat), _r2, paired=True, vectorized=True, n_resamples=2000,
                           method="percentile", rng=rng)
-    from harness.stats import Estimate
+    from harness.statistics.stats import Estimate
 
     r2 = float(_r2(y[test], yhat))
     evidence.record("heldout_r2", Estimate(r2, float(res.confidence_interval.low),

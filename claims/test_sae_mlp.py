@@ -1,6 +1,6 @@
 """Family R on real activations: the subject's MLP SAE (CLAIMS.md; source write-up seeds/003).
 
-The SAE reads ``mlp.hook_post`` of the middle block (``harness.saes.default_sae_specs``).
+The SAE reads ``mlp.hook_post`` of the middle block (``harness.saes.sources.default_sae_specs``).
 R2 is measured on the held-out corpus contexts the SAE never trained on; R3 and R4 on the
 first ``USAGE_CONTEXTS`` corpus contexts (usage statistics, not generalisation). R1 (synthetic
 data) lives in test_sae_synthetic.py.
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from harness.features import R_USAGE_CONTEXTS as USAGE_CONTEXTS  # built with the SAEs
-from harness.features import R_USAGE_TOP as N_TOP
-from harness.stats import Estimate, percentile_estimate
+from harness.saes.features import R_USAGE_CONTEXTS as USAGE_CONTEXTS  # built with the SAEs
+from harness.saes.features import R_USAGE_TOP as N_TOP
+from harness.statistics.stats import Estimate, percentile_estimate
 
 R2_DEFINITIONS = ("fve", "fve_uncentered", "cosine", "ce_recovered")
 
@@ -31,7 +31,7 @@ def mlp_sae(saes):
 
 @pytest.fixture(scope="module")
 def usage(subject, mlp_sae, corpus, content_cache):
-    from harness.features import cached_feature_usage
+    from harness.saes.features import cached_feature_usage
 
     return cached_feature_usage(content_cache, subject, mlp_sae.sae, corpus.tokens[:USAGE_CONTEXTS],
                                 n_top=N_TOP, n_random=N_TOP)
@@ -39,8 +39,8 @@ def usage(subject, mlp_sae, corpus, content_cache):
 
 @pytest.mark.claim(id="R2")
 def test_mlp_sae_reconstruction(subject, mlp_sae, corpus, claim, evidence, rng):
-    from harness.sae_train import heldout_tokens_of
-    from harness.saes import quality_from_rows, sae_quality_rows
+    from harness.saes.sources import quality_from_rows, sae_quality_rows
+    from harness.saes.train import heldout_tokens_of
 
     tokens = heldout_tokens_of(corpus, mlp_sae.spec)
     rows = sae_quality_rows([mlp_sae.sae], subject, tokens)[0]
@@ -82,7 +82,7 @@ def test_mlp_sae_reconstruction(subject, mlp_sae, corpus, claim, evidence, rng):
 
 @pytest.mark.claim(id="R3")
 def test_rare_features_are_selective_not_dead(usage, mlp_sae, evidence, rng):
-    from harness.features import concentration_vs_frequency_figure, token_concentration
+    from harness.saes.features import concentration_vs_frequency_figure, token_concentration
 
     freq = usage.frequency
     enough = usage.fire_count >= N_TOP
@@ -128,7 +128,7 @@ def test_rare_features_are_selective_not_dead(usage, mlp_sae, evidence, rng):
 
 @pytest.mark.claim(id="R4")
 def test_features_fire_on_a_small_fraction_of_tokens(usage, mlp_sae, evidence):
-    from harness.features import frequency_histogram_figure
+    from harness.saes.features import frequency_histogram_figure
 
     freq = usage.frequency
     median = float(np.median(freq))

@@ -2,11 +2,11 @@
 
 One vector per text: the texts run as ONE right-padded batch with BOS prepended, the hook's
 activations are mean-pooled under each policy of the padding matrix (masked / unmasked x BOS
-kept / dropped; ``harness.capture.pool``), then ``sae.encode``-d. The source's "masked" pooling
+kept / dropped; ``harness.activations.capture.pool``), then ``sae.encode``-d. The source's "masked" pooling
 is masked-nobos here (GPT-2's pad id is its BOS id, so the source's mask dropped BOS too) and
 its "unmasked" (the bug) is unmasked-bos; the other two cells are reported beside them.
 
-The specialist search is the source's (``harness.specialists``) under two thresholds: the
+The specialist search is the source's (``harness.saes.specialists``) under two thresholds: the
 source's strict 5.0 (a number specific to the gpt2-small-res-jb SAEs' scale) and a scale-free
 one (the 0.99 quantile of the SAE's positive pooled codes on the texts, source-masked pooling).
 Intervals resample texts within categories; nulls shuffle the category labels.
@@ -21,7 +21,7 @@ import pytest
 import torch
 from scipy import stats
 
-from harness.capture import (
+from harness.activations.capture import (
     POOLING_POLICIES,
     PoolingPolicy,
     block_index,
@@ -29,9 +29,9 @@ from harness.capture import (
     pool,
     tokenize,
 )
-from harness.figures import pyplot
-from harness.saes import depth_trend_problem
-from harness.specialists import (
+from harness.evidence.figures import pyplot
+from harness.saes.sources import depth_trend_problem
+from harness.saes.specialists import (
     SCALE_FREE_QUANTILE,
     SOURCE_THRESHOLD,
     find_specialists,
@@ -40,7 +40,7 @@ from harness.specialists import (
     resample_within_categories,
     scale_free_threshold,
 )
-from harness.stats import Estimate, exact, percentile_estimate, slope
+from harness.statistics.stats import Estimate, exact, percentile_estimate, slope
 
 MIN_TEXTS_PER_CATEGORY = 10  # the source's 10 per category
 N_BOOT = 300
@@ -142,7 +142,7 @@ def _estimate(value: float, boots: np.ndarray, n: int,
 
 
 def _require_depths(data: SData, evidence) -> None:
-    """S2-S4 are trends over the source's relative depths (harness.saes.depth_trend_problem)."""
+    """S2-S4 are trends over the source's relative depths (harness.saes.sources.depth_trend_problem)."""
     problem = depth_trend_problem(data.depths)
     if problem:
         evidence.inconclusive(problem, code="not-applicable")
@@ -214,7 +214,7 @@ def _figure_padding(evidence, data: SData, matrix, kind) -> None:
 def _strong_features_data(evidence, data: SData, kind: str) -> None:
     """Per (hook, pooling policy, text): the pooled code's strong features (code > the
     threshold), from which every specialist count of S1, S2 and S6 can be recomputed with
-    harness.specialists' definition (score = strong inside - strong outside, top-5 candidates)."""
+    harness.saes.specialists' definition (score = strong inside - strong outside, top-5 candidates)."""
     cols: dict[str, list] = {"hook": [], "policy": [], "text": [], "category": [], "threshold": [],
                              "strong_features": []}
     for h in data.hooks:
@@ -510,7 +510,7 @@ def test_specialists_detect_syntax_not_topic(subject, saes, s_data, s_acts, s_ba
 def _attach_highlight(evidence, subject, data: SData, batch, specs, zs, kind) -> None:
     """HTML: the deepest, highest-scoring specialist over 6 texts of its category and the 4
     outside texts where it fires most."""
-    from harness.features import token_html
+    from harness.saes.features import token_html
 
     s = max(specs, key=lambda x: (x.depth, x.score))
     z = zs[s]
@@ -569,7 +569,7 @@ def test_social_and_conversational_are_hardest(saes, s_data, texts, kind, eviden
 
 @pytest.mark.claim(id="S7")
 def test_hook_mismatch_is_detectable(subject, saes, s_data, s_acts, s_batch, texts, evidence, rng):
-    from harness.saes import fve_from_sums, reconstruction_sums
+    from harness.saes.sources import fve_from_sums, reconstruction_sums
 
     _require_texts(texts, evidence)
     first = _resid(saes)[0]

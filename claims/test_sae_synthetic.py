@@ -1,7 +1,7 @@
 """Family R on synthetic data (CLAIMS.md; source: the SAE-on-MLP-activations write-up, seeds/003).
 
 R1 does not touch the language model: it runs (and passes or fails) the same way on every
-``--subject``. Data, SAE and trainer are sae-lens' (see harness/synthetic.py): a
+``--subject``. Data, SAE and trainer are sae-lens' (see harness/saes/synthetic.py): a
 FeatureDictionary of 256 unit-norm features in 64 dims, linearly falling firing probabilities
 (4 % to 1 %), a TopK SAE trained by ``sae_lens.synthetic.train_toy_sae``.
 """
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from sae_lens.synthetic import mean_correlation_coefficient
 
-from harness import synthetic
-from harness.figures import pyplot
-from harness.stats import bootstrap, exact
+from harness.evidence.figures import pyplot
+from harness.saes import synthetic
+from harness.statistics.stats import bootstrap, exact
 
 R1_CONFIG = synthetic.SyntheticConfig()
 

@@ -15,17 +15,17 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from harness.agreement import (
+from harness.activations.harvest import harvest, mlp_neurons_spec
+from harness.analyses.agreement import (
     Vocabulary,
     dominant_token_ratio,
     neuron_metrics,
     null_metrics,
 )
-from harness.figures import pyplot
-from harness.geometry import GeometryDefinition, definitions_for, method2_topk
-from harness.harvest import harvest, mlp_neurons_spec
-from harness.stats import Estimate, bootstrap, claim_rng, percentile_estimate, slope
-from harness.subjects import RAW
+from harness.analyses.geometry import GeometryDefinition, definitions_for, method2_topk
+from harness.evidence.figures import pyplot
+from harness.models.subjects import RAW
+from harness.statistics.stats import Estimate, bootstrap, claim_rng, percentile_estimate, slope
 
 K = 20
 N_PERM = 10

@@ -15,8 +15,8 @@ from pathlib import Path
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; ``--cache-dir`` defaults to the plugin's default (the user's cache
-    directory, :func:`harness.cache.default_cache_dir`), so both fill the same cache."""
-    from harness.cache import default_cache_dir
+    directory, :func:`harness.activations.cache.default_cache_dir`), so both fill the same cache."""
+    from harness.activations.cache import default_cache_dir
 
     parser = argparse.ArgumentParser(prog="python -m harness.build", description=__doc__)
     parser.add_argument("what", choices=["saes", "corpus"], help="artifact to build")
@@ -30,16 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from harness.determinism import pin
+    from harness.models.determinism import pin
 
-    pin()  # before any torch op (see harness.determinism)
+    pin()  # before any torch op (see harness.models.determinism)
 
-    from harness.cache import ContentCache
-    from harness.corpus import CorpusRecipe
-    from harness.harvest import cached_corpus
-    from harness.loaders import load_subject
-    from harness.stages import CORPUS, MODEL_LOAD, SAE_BUILD, recorder, stage
-    from harness.subjects import SubjectError, SubjectUnavailable, parse_subject
+    from harness.activations.cache import ContentCache
+    from harness.activations.harvest import cached_corpus
+    from harness.data.corpus import CorpusRecipe
+    from harness.evidence.stages import CORPUS, MODEL_LOAD, SAE_BUILD, recorder, stage
+    from harness.models.loaders import load_subject
+    from harness.models.subjects import SubjectError, SubjectUnavailable, parse_subject
 
     try:
         spec = parse_subject(args.subject, device=args.device, dtype="float32", seed=args.seed)
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"subject": spec.id, "cache_dir": str(args.cache_dir),
                     "corpus_sha256": corpus.sha256}
     if args.what == "saes":
-        from harness.sae_train import subject_saes
+        from harness.saes.train import subject_saes
 
         try:
             with stage(SAE_BUILD):

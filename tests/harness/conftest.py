@@ -15,5 +15,5 @@ def heavy_imports() -> None:
     import sae_lens  # noqa: F401
     import transformer_lens  # noqa: F401
 
-    import harness.sae_train  # noqa: F401
-    import harness.specialists  # noqa: F401
+    import harness.saes.specialists  # noqa: F401
+    import harness.saes.train  # noqa: F401

