@@ -28,7 +28,7 @@ from harness.statistics.stats import cluster_bootstrap_columnwise_pearson, colum
 
 SOURCE_LAYER, SOURCE_N_LAYERS, SOURCE_NEURON = 8, 12, 481  # GPT-2 small, "neuron 481, layer 8"
 N_SENTENCES = 500  # the source's N (H5's set)
-H7_MAX_NEURONS = 256
+H7_MAX_NEURONS = 128
 H7_GROUP = 10  # sentences per resampling unit for H7 (per-unit sums of x x' must fit in memory)  # heads fitted per resample: the interval's cost grows with it
 ACT_FN_MINIMUM = {"gelu": -0.1700, "gelu_new": -0.1700, "gelu_fast": -0.1700, "silu": -0.2785,
                   "relu": 0.0}
@@ -179,9 +179,10 @@ def test_readout_head_matches_own_weights(readings, evidence, rng):
     w_out = _rows(model, layer, "out")[:, neurons]
     other = np.roll(np.arange(neurons.size), 1)  # each head against its neighbour's row (null)
     groups = clusters // H7_GROUP  # whole sentences stay together; groups are resampled
-    cos, own = cluster_bootstrap_head_cosines(x, y, w_out, groups, alpha, np.nanmedian, rng)
+    cos, own = cluster_bootstrap_head_cosines(x, y, w_out, groups, alpha, np.nanmedian, rng,
+                                              n_resamples=200)
     _, null = cluster_bootstrap_head_cosines(x, y, w_out[:, other], groups, alpha, np.nanmedian, rng,
-                                             n_resamples=100)
+                                             n_resamples=50)
     evidence.record("median_cos_head_w_out", own, null=null,
                     description=f"median over {neurons.size} seeded neurons of layer {layer} of cos(ridge head "
                     f"on the final residual predicting hook_post[n], W_out[n]); null: the head against "
@@ -191,7 +192,7 @@ def test_readout_head_matches_own_weights(readings, evidence, rng):
     columns = {"neuron": neurons, "cos_w_out": cos}
     for key, label in inputs.items():
         c, est = cluster_bootstrap_head_cosines(x, y, _rows(model, layer, key)[:, neurons], groups, alpha,
-                                                np.nanmedian, rng, n_resamples=100)
+                                                np.nanmedian, rng, n_resamples=50)
         evidence.record(f"median_cos_head_{key}", est, description=f"the same head against {label}")
         columns[f"cos_{key}"] = c
     rand = _unit(rng.normal(size=(d_model, neurons.size)))
