@@ -58,6 +58,9 @@ class LoadedSubject:
     planted: dict[int, int] | None = dataclasses.field(default=None, hash=False)
     """Planted subjects only: wired neuron -> token id, the same in every layer (the known
     answer); None for every other subject."""
+    planted_types: dict | None = dataclasses.field(default=None, hash=False)
+    """Planted subjects only: the type wiring (``TypeWiring.to_dict()``: type-wired neuron ->
+    planted token type, and each planted type's token set); None for every other subject."""
 
     def provenance(self) -> dict:
         planted = None if self.planted is None else {str(n): t for n, t in self.planted.items()}
@@ -71,6 +74,7 @@ class LoadedSubject:
             "d_mlp": self.model.cfg.d_mlp,
             "load_seconds": round(self.load_seconds, 2),
             "planted": planted,
+            "planted_types": self.planted_types,
         }
 
 
@@ -256,25 +260,32 @@ def planted_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(where, **kwargs)
 
 
-def load_planted(spec: SubjectSpec) -> tuple[Any, dict[int, int], str]:
-    """(model, neuron -> token, cache identity) of a planted subject built from ``spec.init_seed``.
+def load_planted(spec: SubjectSpec) -> tuple[Any, dict[int, int], dict, str]:
+    """(model, neuron -> token, type wiring as a dict, cache identity) of a planted subject
+    built from ``spec.init_seed``.
 
     The wired tokens come from the default background corpus under the same seed, which is
-    the corpus the pytest plugin builds for ``--seed`` (``CorpusRecipe(seed=seed)``).
+    the corpus the pytest plugin builds for ``--seed`` (``CorpusRecipe(seed=seed)``). The
+    identity hashes the unprocessed weights and, besides, every field of the PlantedSpec that
+    built them (type wiring included), so a change of recipe never reuses a cache entry.
     """
     from harness.models.planted import PlantedSpec, planted_subject
 
     tokenizer = planted_tokenizer()
     corpus = build_corpus(tokenizer, CorpusRecipe(seed=spec.init_seed))
-    model, wiring, state = planted_subject(
+    planted_spec = PlantedSpec(seed=spec.init_seed)
+    model, wiring, typed, state = planted_subject(
         tokenizer,
         corpus,
-        PlantedSpec(seed=spec.init_seed),
+        planted_spec,
         spec.processing.as_kwargs(),
         dtype=spec.torch_dtype,
         device=spec.device,
     )
-    return model, wiring, pre_processing_identity(state, spec, init_seed=spec.init_seed)
+    identity = pre_processing_identity(
+        state, spec, init_seed=spec.init_seed, planted_spec=dataclasses.asdict(planted_spec)
+    )
+    return model, wiring, typed.to_dict(), identity
 
 
 def _hub_call(spec: SubjectSpec, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -363,9 +374,9 @@ def load_subject(
     variants of a subject (parsing the GGUF costs about 30 s on 2 cores).
     """
     start = time.perf_counter()
-    planted, identity = None, ""
+    planted, planted_types, identity = None, None, ""
     if spec.kind == "planted":
-        model, planted, identity = load_planted(spec)
+        model, planted, planted_types, identity = load_planted(spec)
     elif spec.random_init:
         model, identity = random_twin(spec)
     elif spec.kind == "hub":
@@ -392,4 +403,5 @@ def load_subject(
         processed_weight_hash=processed,
         load_seconds=time.perf_counter() - start,
         planted=planted,
+        planted_types=planted_types,
     )

@@ -140,7 +140,8 @@ KNOWN_SUBJECTS: dict[str, SubjectSpec] = {
         source=f"harness.models.planted.PlantedSpec() with the tokenizer of {SMOLLM2_DIST}=={SMOLLM2_VERSION}",
         description="planted control for family W: 2 layers, d_model 64, LayerNorm, GELU; "
         "neurons 0-63 of every MLP wired to the 64 most frequent background-corpus tokens "
-        "(attention writes nothing), the rest random",
+        "(attention writes nothing), up to 5 of them per token type also type-wired (W3), "
+        "the rest random",
     ),
 }
 """Named subjects. Hub subjects load through transformer-lens' own ``from_pretrained``;
