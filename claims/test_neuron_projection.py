@@ -190,15 +190,15 @@ def _figure_profile(evidence, profile, a: float, b: float, choice: NeuronChoice)
     ax1.plot(theta, a * np.cos(theta) + b * np.sin(theta), ls="--", label="A cos + B sin")
     ax1.plot(theta, np.zeros_like(theta), color="grey", lw=0.5)
     ax1.set_rlim(-lim, lim)
-    ax1.set_title("mean cosine (radius: value; 0 = grey circle)", fontsize=8)
+    ax1.set_title("mean cosine (radius: value; 0 = grey circle)", fontsize=8, pad=16)
     ax1.legend(fontsize=6, loc="lower left")
     for t, row in zip(profile.thresholds, profile.counts.numpy(), strict=True):
         ax2.plot(theta, row, label=f"count c > {t}")
     ax2.set_rlim(0, max(1, profile.n_vectors))
-    ax2.set_title(f"counts of {profile.n_vectors} prompt means", fontsize=8)
+    ax2.set_title(f"counts of {profile.n_vectors} prompt means", fontsize=8, pad=16)
     ax2.legend(fontsize=6, loc="lower left")
     fig.suptitle(f"N2 baseline SRM, plane (e_{choice.neuron}, e_{choice.partner}) of {choice.hook}",
-                 fontsize=9)
+                 fontsize=9, y=1.06)
     evidence.figure(fig, "baseline_srm_polar")
     plt.close(fig)
 
