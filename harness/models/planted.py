@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from harness.activations.capture import first_content_position
 from harness.data.corpus import Corpus
 
 ACT_FNS = ("gelu", "gelu_new", "relu")
@@ -117,7 +118,7 @@ def choose_wired_tokens(corpus: Corpus, tokenizer: Any, n: int, min_count: int =
     are eligible.
     """
     vocab = len(tokenizer)
-    body = corpus.tokens[:, 1:]  # (n_contexts, context_len - 1)
+    body = corpus.tokens[:, first_content_position(True):]  # (n_contexts, context_len - 1)
     counts = torch.bincount(body.reshape(-1), minlength=vocab)  # (vocab,)
     rows = torch.arange(body.shape[0]).unsqueeze(1).expand_as(body)  # (n_contexts, len - 1)
     pairs = torch.unique(rows.reshape(-1) * vocab + body.reshape(-1))  # distinct (row, token)
