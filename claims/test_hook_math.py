@@ -17,6 +17,7 @@ from harness.analyses import hookmath
 from harness.data.prompts import SentenceTemplates, hook_batch
 from harness.evidence.errors import finite_max
 from harness.evidence.figures import pyplot
+from harness.models.depth import relative_layer
 from harness.models.subjects import RAW
 from harness.statistics.stats import (
     cluster_bootstrap_columnwise_pearson,
@@ -30,8 +31,9 @@ SOURCE_LAYER, SOURCE_N_LAYERS, SOURCE_INDEX = 8, 12, 481  # GPT-2 small, "neuron
 
 
 def source_site(model) -> tuple[int, int]:
-    """(layer, coordinate) at the source's relative depth; index 481 kept when it exists."""
-    layer = min(model.cfg.n_layers - 1, round(SOURCE_LAYER / SOURCE_N_LAYERS * model.cfg.n_layers))
+    """(layer, coordinate) at the source's relative depth (harness.models.depth, the rule family
+    S's SAE depths use); index 481 kept when it exists."""
+    layer = relative_layer(SOURCE_LAYER, SOURCE_N_LAYERS, model.cfg.n_layers)
     index = SOURCE_INDEX if model.cfg.d_model > SOURCE_INDEX else model.cfg.d_model - 1
     return layer, index
 

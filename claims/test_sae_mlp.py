@@ -16,7 +16,12 @@ from scipy import stats
 
 from harness.saes.features import R_USAGE_CONTEXTS as USAGE_CONTEXTS  # built with the SAEs
 from harness.saes.features import R_USAGE_TOP as N_TOP
-from harness.statistics.stats import Estimate, percentile_estimate
+from harness.statistics.stats import (
+    Estimate,
+    bootstrap_indices,
+    percentile_estimate,
+    percentile_interval,
+)
 
 R2_DEFINITIONS = ("fve", "fve_uncentered", "cosine", "ce_recovered")
 
@@ -46,11 +51,11 @@ def test_mlp_sae_reconstruction(subject, mlp_sae, corpus, claim, evidence, rng):
     rows = sae_quality_rows([mlp_sae.sae], subject, tokens)[0]
     point = quality_from_rows(rows)
     n = len(rows["n"])
-    boots = [quality_from_rows(rows, rng.integers(0, n, n)) for _ in range(1000)]
+    boots = [quality_from_rows(rows, idx) for idx in bootstrap_indices(n, rng, 1000)]
     published = claim.published_value("reconstruction accuracy").value
     # CE recovered divides by the cost of zero-ablating the hook; where that cost's interval
     # reaches 0 (the random twin: ablating its MLP costs nothing) the ratio means nothing.
-    gap = np.percentile([b["ce_zero_ablation"] - b["ce_clean"] for b in boots], [2.5, 97.5])
+    gap = percentile_interval([b["ce_zero_ablation"] - b["ce_clean"] for b in boots])
     ce_undefined = bool(gap[0] <= 0 <= gap[1])
     reach = {}
     for name in R2_DEFINITIONS:
@@ -98,7 +103,7 @@ def test_rare_features_are_selective_not_dead(usage, mlp_sae, evidence, rng):
         sel = np.arange(idx.size) if sel is None else sel
         return float(stats.spearmanr(logf[sel], y[idx][sel]).statistic)
 
-    boots = np.array([rho(conc_top, s) for s in (rng.integers(0, idx.size, idx.size) for _ in range(1000))])
+    boots = np.array([rho(conc_top, s) for s in bootstrap_indices(idx.size, rng, 1000)])
     null = Estimate(rho(conc_rand), np.nan, np.nan, int(idx.size), "same correlation, 20 random firings per feature")
     n_dead = int(usage.dead.sum())
     rare = idx[freq[idx] <= np.quantile(freq[idx], 0.1)]

@@ -19,28 +19,43 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 from harness.activations.capture import (
     POOLING_POLICIES,
     PoolingPolicy,
     block_index,
     cached_capture,
+    first_content_position,
     pool,
     tokenize,
 )
 from harness.evidence.figures import pyplot
 from harness.saes.sources import depth_trend_problem
 from harness.saes.specialists import (
+    MIN_OUTSIDE,
     SCALE_FREE_QUANTILE,
     SOURCE_THRESHOLD,
+    TRIGGER_TOKENS,
+    coverage_slope,
+    feature_token_codes,
     find_specialists,
+    label_shuffle_null,
     most_frequent_coverage,
     peak_activation,
+    positive_quantile,
     resample_within_categories,
     scale_free_threshold,
+    stratified_bootstrap,
+    trigger_ratio,
 )
-from harness.statistics.stats import Estimate, exact, percentile_estimate, slope
+from harness.statistics.stats import (
+    bootstrap_indices,
+    exact,
+    null_estimate,
+    percentile_estimate,
+    slope,
+    spearman,
+)
 
 MIN_TEXTS_PER_CATEGORY = 10  # the source's 10 per category
 N_BOOT = 300
@@ -49,8 +64,7 @@ MASKED = PoolingPolicy(mask_padding=True, keep_bos=False)  # the source's masked
 UNMASKED = PoolingPolicy(mask_padding=False, keep_bos=True)  # the source's bug
 THRESHOLDS = ("source-5.0", f"scale-free-q{SCALE_FREE_QUANTILE}")
 HARD_CATEGORIES = ("social", "conversational")  # S6's two categories; matched by TextSet.find
-TRIGGER_TOKENS = 3  # S5: a specialist's trigger tokens = its 3 highest-mass token types inside
-MIN_OUTSIDE = 3  # S5: a trigger token must occur at least 3 times outside the category
+STRATIFIED = "bootstrap-percentile (texts within categories)"
 SYNTAX_RATIO = 0.5  # S5: also in the registry's decision; used here only to label the figure
 
 
@@ -132,15 +146,6 @@ def _counts(data: SData, kind: str, policy: PoolingPolicy = MASKED, rows=None, l
     return [data.table(kind, h, policy, rows, labels).count for h in data.hooks]
 
 
-def _boot(data: SData, fn, rng, n: int = N_BOOT) -> np.ndarray:
-    return np.array([fn(resample_within_categories(data.labels, rng)) for _ in range(n)], dtype=float)
-
-
-def _estimate(value: float, boots: np.ndarray, n: int,
-              method: str = "bootstrap-percentile (texts within categories)") -> Estimate:
-    return percentile_estimate(value, boots, n, method)
-
-
 def _require_depths(data: SData, evidence) -> None:
     """S2-S4 are trends over the source's relative depths (harness.saes.sources.depth_trend_problem)."""
     problem = depth_trend_problem(data.depths)
@@ -148,18 +153,9 @@ def _require_depths(data: SData, evidence) -> None:
         evidence.inconclusive(problem, code="not-applicable")
 
 
-def _shuffled(data: SData, fn, rng, n: int = N_NULL) -> np.ndarray:
-    """fn(labels) under n random permutations of the category labels across texts."""
-    return np.array([fn(tuple(rng.permutation(np.array(data.labels)).tolist())) for _ in range(n)], dtype=float)
-
-
 def _published_series(claim, quantity: str) -> str:
     """The source's per-depth numbers for a note, from the registry."""
     return "/".join(f"{p.value:g}" for p in claim.published_values(quantity))
-
-
-def _null_estimate(draws: np.ndarray) -> Estimate:
-    return percentile_estimate(float(np.mean(draws)), draws, draws.size, "label-shuffle null (mean, 95% range)")
 
 
 # --- S1: the padding matrix ---------------------------------------------------------------------
@@ -171,20 +167,22 @@ def test_padding_masking_raises_specialist_counts(saes, s_data, texts, kind, evi
     _require_texts(texts, evidence)
     matrix = {p.name: _counts(s_data, kind, p) for p in POOLING_POLICIES}
     gain = sum(matrix[MASKED.name]) - sum(matrix[UNMASKED.name])
-    boots = _boot(s_data, lambda rows: sum(_counts(s_data, kind, MASKED, rows))
-                  - sum(_counts(s_data, kind, UNMASKED, rows)), rng)
-    null = _shuffled(s_data, lambda lab: sum(_counts(s_data, kind, MASKED, labels=lab))
-                     - sum(_counts(s_data, kind, UNMASKED, labels=lab)), rng)
-    evidence.record("specialist_gain_masked_minus_unmasked", _estimate(gain, boots, len(s_data.labels)),
-                    null=_null_estimate(null),
+    boots = stratified_bootstrap(s_data.labels, lambda rows: sum(_counts(s_data, kind, MASKED, rows))
+                                 - sum(_counts(s_data, kind, UNMASKED, rows)), rng, N_BOOT)
+    null = label_shuffle_null(s_data.labels, lambda lab: sum(_counts(s_data, kind, MASKED, labels=lab))
+                              - sum(_counts(s_data, kind, UNMASKED, labels=lab)), rng, N_NULL)
+    evidence.record("specialist_gain_masked_minus_unmasked",
+                    percentile_estimate(gain, boots, len(s_data.labels), STRATIFIED),
+                    null=null_estimate(null),
                     description=f"sum over depths {s_data.depths} of specialists({MASKED.name}) - "
                     f"specialists({UNMASKED.name}), threshold {kind}",
                     padding_matrix=matrix, depths=list(s_data.depths),
                     thresholds={h: s_data.threshold(kind, h) for h in s_data.hooks})
     for p in POOLING_POLICIES:
-        evidence.record(f"specialists_{p.name}", _estimate(
+        evidence.record(f"specialists_{p.name}", percentile_estimate(
             float(sum(matrix[p.name])),
-            _boot(s_data, lambda rows, p=p: sum(_counts(s_data, kind, p, rows)), rng, n=100), len(s_data.labels)),
+            stratified_bootstrap(s_data.labels, lambda rows, p=p: sum(_counts(s_data, kind, p, rows)), rng, 100),
+            len(s_data.labels), STRATIFIED),
             description=f"specialists summed over depths {s_data.depths} under {p.name} pooling",
             per_depth=matrix[p.name])
     _padding_decomposition(evidence, s_data, kind, matrix, rng)
@@ -276,7 +274,7 @@ def _padding_decomposition(evidence, data: SData, kind: str, matrix: dict, rng) 
     point = contrasts({(p.mask_padding, p.keep_bos): sum(matrix[p.name]) for p in POOLING_POLICIES})
     draws = [contrasts(totals(resample_within_categories(data.labels, rng))) for _ in range(N_BOOT)]
     for name, value in point.items():
-        est = _estimate(value, np.array([d[name] for d in draws]), len(data.labels))
+        est = percentile_estimate(value, np.array([d[name] for d in draws]), len(data.labels), STRATIFIED)
         evidence.record(name, est, co_headline=name == "padding_effect_bos_dropped",
                         description=f"2x2 decomposition of the source's contrast, threshold {kind}: "
                         + ("(masked - unmasked) with BOS dropped minus the same with BOS kept"
@@ -291,26 +289,20 @@ def _padding_decomposition(evidence, data: SData, kind: str, matrix: dict, rng) 
 # --- S2: depth trend of the count ---------------------------------------------------------------
 
 
-def _spearman(depths, counts) -> float:
-    """Spearman's rho; 0 when every count is equal (rho is undefined there: no depth has more
-    specialists than another, which is no association; a NaN would have been dropped from
-    the bootstrap, conditioning the interval on resamples that happened to vary)."""
-    if len(set(counts)) < 2:
-        return 0.0
-    return float(stats.spearmanr(depths, counts).statistic)
-
-
 @pytest.mark.claim(id="S2")
 @pytest.mark.parametrize("kind", THRESHOLDS)
 def test_deeper_layers_have_more_specialists(saes, s_data, texts, kind, claim, evidence, rng):
     _require_texts(texts, evidence)
     _require_depths(s_data, evidence)
     counts = _counts(s_data, kind)
-    boots = _boot(s_data, lambda rows: _spearman(s_data.depths, _counts(s_data, kind, rows=rows)), rng)
-    null = _shuffled(s_data, lambda lab: _spearman(s_data.depths, _counts(s_data, kind, labels=lab)), rng)
+    boots = stratified_bootstrap(s_data.labels, lambda rows: spearman(s_data.depths, _counts(s_data, kind, rows=rows)),
+                                 rng, N_BOOT)
+    null = label_shuffle_null(s_data.labels, lambda lab: spearman(s_data.depths, _counts(s_data, kind, labels=lab)),
+                              rng, N_NULL)
     per_cat = {h: s_data.table(kind, h).to_dict() for h in s_data.hooks}
-    evidence.record("depth_count_spearman", _estimate(_spearman(s_data.depths, counts), boots, len(s_data.labels)),
-                    null=_null_estimate(null),
+    evidence.record("depth_count_spearman",
+                    percentile_estimate(spearman(s_data.depths, counts), boots, len(s_data.labels), STRATIFIED),
+                    null=null_estimate(null),
                     description=f"Spearman(depth, specialists) over depths {s_data.depths}, threshold {kind}, "
                     f"{MASKED.name} pooling (0 when the counts are all equal)",
                     counts=counts, non_decreasing=bool(all(np.diff(counts) >= 0)),
@@ -352,15 +344,10 @@ def test_most_frequent_feature_coverage_falls_with_depth(saes, s_data, texts, cl
                                        else s_data.codes[(h, MASKED.name)][rows])[1] for h in s_data.hooks]
 
     n_texts = len(s_data.labels)  # a stratified resample keeps the number of texts
-
-    def coverage_slope(covs) -> float:
-        # On counts (integers), then per text: shares k/n differ by rounding, and a slope that is
-        # 0 in exact arithmetic came out as +1.1e-17 on the random twin, deciding a verdict.
-        return slope([round(c * n_texts) for c in covs]) / n_texts
-
     cov = [most_frequent_coverage(s_data.codes[(h, MASKED.name)]) for h in s_data.hooks]
-    boots = _boot(s_data, lambda rows: coverage_slope(coverage(rows)), rng)
-    evidence.record("coverage_slope", _estimate(coverage_slope([c for _, c in cov]), boots, n_texts),
+    boots = stratified_bootstrap(s_data.labels, lambda rows: coverage_slope(coverage(rows), n_texts), rng, N_BOOT)
+    evidence.record("coverage_slope",
+                    percentile_estimate(coverage_slope([c for _, c in cov], n_texts), boots, n_texts, STRATIFIED),
                     description=f"slope of most-frequent-feature coverage per depth step over depths {s_data.depths}",
                     coverage={d: {"feature": f, "coverage": c} for d, (f, c) in zip(s_data.depths, cov, strict=True)})
     evidence.note(f"coverage per depth: {[round(c, 3) for _, c in cov]} (source: "
@@ -389,16 +376,14 @@ def test_peak_activation_grows_with_depth(saes, s_data, texts, claim, evidence, 
                     peaks=dict(zip(s_data.depths, peaks.tolist(), strict=True)))
 
     def log_q99(rows=None):
-        def q(codes):
-            positive = codes[codes > 0]
-            return np.quantile(positive, 0.99) if positive.size else np.nan
-        return np.log([q(s_data.codes[(h, MASKED.name)] if rows is None else s_data.codes[(h, MASKED.name)][rows])
+        return np.log([positive_quantile(s_data.codes[(h, MASKED.name)] if rows is None
+                                         else s_data.codes[(h, MASKED.name)][rows], 0.99)
                        for h in s_data.hooks])
 
     q99 = log_q99()
     if np.isfinite(q99).all():
-        evidence.record("log_q99_slope", _estimate(slope(q99), _boot(s_data, lambda rows: slope(log_q99(rows)), rng),
-                                                   len(s_data.labels)),
+        boots = stratified_bootstrap(s_data.labels, lambda rows: slope(log_q99(rows)), rng, N_BOOT)
+        evidence.record("log_q99_slope", percentile_estimate(slope(q99), boots, len(s_data.labels), STRATIFIED),
                         description="the same slope for the 0.99 quantile of the positive pooled codes "
                         "(bootstrap over texts within categories)")
     evidence.note(f"peak pooled code per depth: {[round(float(p), 2) for p in peaks]} "
@@ -427,46 +412,15 @@ def _specialists(data: SData, kind: str) -> list[Specialist]:
     return out
 
 
-@torch.no_grad()
 def _token_codes(saes, s_acts, s_batch, specs: list[Specialist]) -> dict[Specialist, np.ndarray]:
     """Per-token code of each specialist's feature: (n_texts, pos), 0 at pads and BOS."""
     by_hook = {s.hook_name: s for s in _resid(saes)}
-    keep = s_batch.mask.clone()
-    keep[:, 0] = False  # BOS: SmolLM2's attention-sink position, never a content token
     out = {}
     for hook in dict.fromkeys(s.hook for s in specs):
-        codes = by_hook[hook].sae.encode(s_acts[hook].to(by_hook[hook].sae.W_enc.dtype))  # (n, pos, d_sae)
-        for s in specs:
-            if s.hook == hook:
-                out[s] = (codes[..., s.feature] * keep.to(codes.device)).cpu().numpy()
-        del codes
+        mine = [s for s in specs if s.hook == hook]
+        z = feature_token_codes(by_hook[hook].sae, s_acts[hook], s_batch.content_mask, [s.feature for s in mine])
+        out.update({s: z[s.feature] for s in mine})
     return out
-
-
-def _trigger_ratio(z: np.ndarray, tokens: np.ndarray, keep: np.ndarray, inside: np.ndarray) -> dict:
-    """How often a feature fires on its trigger tokens outside its category vs inside.
-
-    trigger tokens = the TRIGGER_TOKENS token ids carrying most of the feature's activation
-    mass inside the category; kept if they occur >= MIN_OUTSIDE times outside it. ratio =
-    firing rate (code > 0) on kept triggers' outside occurrences / on their inside occurrences.
-    A syntax detector fires on its tokens wherever they occur (ratio near 1); a topic detector
-    fires on them only inside its category (ratio near 0)."""
-    ins = keep & inside[:, None]
-    outs = keep & ~inside[:, None]
-    ids, inv = np.unique(tokens[ins], return_inverse=True)
-    mass = np.bincount(inv, weights=z[ins], minlength=ids.size)
-    order = np.argsort(-mass, kind="stable")
-    triggers = [int(ids[i]) for i in order[:TRIGGER_TOKENS] if mass[i] > 0]
-    kept = [t for t in triggers if int(((tokens == t) & outs).sum()) >= MIN_OUTSIDE]
-    if not kept:
-        return {"triggers": triggers, "kept": [], "ratio": float("nan")}
-    on = np.isin(tokens, kept)
-    rate_in = float((z[on & ins] > 0).mean())
-    rate_out = float((z[on & outs] > 0).mean())
-    inside_mass = float(z[ins].sum() / max(z[keep].sum(), 1e-30))
-    return {"triggers": triggers, "kept": kept, "rate_in": rate_in, "rate_out": rate_out,
-            "n_in": int((on & ins).sum()), "n_out": int((on & outs).sum()),
-            "ratio": rate_out / rate_in if rate_in > 0 else float("nan"), "inside_mass_share": inside_mass}
 
 
 @pytest.mark.claim(id="S5")
@@ -479,13 +433,12 @@ def test_specialists_detect_syntax_not_topic(subject, saes, s_data, s_acts, s_ba
                               code="no-specialists")
     zs = _token_codes(saes, s_acts, s_batch, specs)
     tokens = s_batch.tokens.cpu().numpy()
-    keep = s_batch.mask.cpu().numpy().copy()
-    keep[:, 0] = False
+    keep = s_batch.content_mask.cpu().numpy()
     labels = np.array(s_data.labels)
     tok = subject.model.tokenizer
     rows = []
     for s in specs:
-        r = _trigger_ratio(zs[s], tokens, keep, labels == s.category)
+        r = trigger_ratio(zs[s], tokens, keep, labels == s.category)
         rows.append({"depth": s.depth, "category": s.category, "feature": s.feature, "score": s.score,
                      **r, "trigger_strings": tok.convert_ids_to_tokens(r["triggers"])})  # byte-level pieces stay distinct
     ratios = np.array([r["ratio"] for r in rows], dtype=float)
@@ -494,9 +447,9 @@ def test_specialists_detect_syntax_not_topic(subject, saes, s_data, s_acts, s_ba
         evidence.note(f"specialists: {rows}")
         evidence.inconclusive(f"only {ok.size} of {len(rows)} specialists have trigger tokens occurring "
                               f">= {MIN_OUTSIDE} times outside their category (need 3)", code="too-few-units")
-    boots = np.array([np.median(rng.choice(ok, ok.size)) for _ in range(2000)])
+    boots = np.array([np.median(ok[idx]) for idx in bootstrap_indices(ok.size, rng, 2000)])
     evidence.record("median_outside_inside_firing_ratio",
-                    _estimate(float(np.median(ok)), boots, int(ok.size), "bootstrap-percentile (specialists)"),
+                    percentile_estimate(float(np.median(ok)), boots, int(ok.size), "bootstrap-percentile (specialists)"),
                     description=f"median over specialists ({kind}) of firing rate on their top-{TRIGGER_TOKENS} "
                     "trigger tokens outside their category / inside it (token level, BOS and pads excluded)",
                     specialists=rows, n_without_outside_triggers=int(np.isnan(ratios).sum()))
@@ -520,10 +473,11 @@ def _attach_highlight(evidence, subject, data: SData, batch, specs, zs, kind) ->
     outside = outside[np.argsort(-z[outside].max(axis=1), kind="stable")[:4]]
     tok = subject.model.tokenizer
     rows = []
+    first = first_content_position(batch.has_bos)  # the text's own tokens, as everywhere
     for i in [*inside, *outside]:
         n = int(batch.lengths[i])
-        ids = batch.tokens[i, 1:n].tolist()
-        rows.append((f"{labels[i]} #{i}", [tok.decode([t]) for t in ids], z[i, 1:n].tolist()))
+        ids = batch.tokens[i, first:n].tolist()
+        rows.append((f"{labels[i]} #{i}", [tok.decode([t]) for t in ids], z[i, first:n].tolist()))
     evidence.attach(f"specialist_tokens_{kind}", token_html(
         rows, title=f"S5: layer {s.depth} {s.category} specialist, feature {s.feature} ({kind})",
         caption=f"per-token code of feature {s.feature} of the SAE at {s.hook}; first rows: its "
@@ -553,9 +507,11 @@ def test_social_and_conversational_are_hardest(saes, s_data, texts, kind, eviden
         with_spec = [d for h, d in zip(s_data.hooks, s_data.depths, strict=True)
                      if s_data.table(kind, h).by_category()[c].has_specialist]
         first[c] = with_spec[0] if with_spec else None
+    boots = stratified_bootstrap(s_data.labels, lambda rows: gap(rows=rows), rng, N_BOOT)
+    null = label_shuffle_null(s_data.labels, lambda lab: gap(labels=lab), rng, N_NULL)
     evidence.record("hard_minus_other_mean_best_score",
-                    _estimate(gap(), _boot(s_data, lambda rows: gap(rows=rows), rng), len(s_data.labels)),
-                    null=_null_estimate(_shuffled(s_data, lambda lab: gap(labels=lab), rng)),
+                    percentile_estimate(gap(), boots, len(s_data.labels), STRATIFIED),
+                    null=null_estimate(null),
                     description=f"mean over depths {s_data.depths} of the best specialist score of "
                     f"{hard_categories} minus that of the other categories, threshold {kind}",
                     first_depth_with_specialist=first)
@@ -575,17 +531,14 @@ def test_hook_mismatch_is_detectable(subject, saes, s_data, s_acts, s_batch, tex
     first = _resid(saes)[0]
     wrong = _mismatched_hook(first)
     mismatched = s_acts[wrong]
-    keep = s_batch.mask.clone()
-    keep[:, 0] = False
+    keep = s_batch.content_mask
     sums = {name: reconstruction_sums(first.sae, acts, keep)
             for name, acts in (("matched", s_acts[first.hook_name]), ("mismatched", mismatched))}
     n = len(s_data.labels)
 
-    def fve(name, rows=None):
-        return fve_from_sums(sums[name], rows)
-
     def boot(name):
-        return _estimate(fve(name), _boot(s_data, lambda rows: fve(name, rows), rng, n=1000), n)
+        draws = stratified_bootstrap(s_data.labels, lambda rows: fve_from_sums(sums[name], rows), rng, 1000)
+        return percentile_estimate(fve_from_sums(sums[name]), draws, n, STRATIFIED)
 
     matched, bad = boot("matched"), boot("mismatched")
     per_token = {name: {k: float(v.sum() / sums[name]["n"].sum()) for k, v in sums[name].items()

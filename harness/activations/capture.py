@@ -56,6 +56,22 @@ def block_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def first_content_position(has_bos: bool) -> int:
+    """The first position of a text's own tokens: 1 when position 0 holds a prepended BOS, else
+    0. The suite's one BOS convention: a statistic over a text's tokens (pooling, harvests,
+    SAE training and quality, feature usage, specialists' token codes) drops position 0 when a
+    BOS was prepended, and only then; SmolLM2's BOS residual norm (~25,000 vs 150-600 elsewhere)
+    is an attention sink that would dominate any statistic including it. Every BOS-dropping
+    mask or slice in harness/ and claims/ comes from here or :func:`content_positions`."""
+    return 1 if has_bos else 0
+
+
+def content_positions(n_pos: int, has_bos: bool = True, device: Any = None) -> torch.Tensor:
+    """(n_pos,) bool, True at the positions of a text's own tokens: every position from
+    :func:`first_content_position` on (padding is :class:`Batch`'s ``mask``'s business)."""
+    return torch.arange(n_pos, device=device) >= first_content_position(has_bos)
+
+
 @dataclass(frozen=True)
 class Batch:
     """Right-padded tokens and the mask of real (non-pad) positions."""
@@ -74,14 +90,9 @@ class Batch:
 
     @property
     def content_mask(self) -> torch.Tensor:
-        """``mask`` without the prepended BOS (position 0 when ``has_bos``): the text's own
-        tokens. SmolLM2's BOS residual norm (~25,000 vs 150-600) dominates any statistic over
-        positions that includes it."""
-        if not self.has_bos:
-            return self.mask
-        out = self.mask.clone()
-        out[:, 0] = False
-        return out
+        """(batch, pos) bool: ``mask`` without the prepended BOS (:func:`content_positions`):
+        the text's own tokens."""
+        return self.mask & content_positions(self.mask.shape[1], self.has_bos, self.mask.device)
 
 
 def tokenize(model: Any, texts: list[str], *, prepend_bos: bool = True) -> Batch:
@@ -136,9 +147,10 @@ def pool(acts: torch.Tensor, batch: Batch, policy: PoolingPolicy) -> torch.Tenso
     masked:   mean over positions p with mask[b, p] (and p > 0 unless keep_bos)
     unmasked: mean over every position 0..P-1 of the padded batch (p > 0 unless keep_bos)
     """
-    weights = batch.mask.clone() if policy.mask_padding else torch.ones_like(batch.mask)  # (batch, pos)
-    if batch.has_bos and not policy.keep_bos:
-        weights[:, 0] = False
+    weights = batch.mask if policy.mask_padding else torch.ones_like(batch.mask)  # (batch, pos)
+    # keep_bos=False drops the BOS position (if there is one) by the suite's one convention
+    weights = weights & content_positions(weights.shape[1], batch.has_bos and not policy.keep_bos,
+                                          weights.device)
     counts = weights.sum(dim=1, keepdim=True)  # (batch, 1)
     if (counts == 0).any():
         empty = torch.nonzero(counts[:, 0] == 0).flatten().tolist()

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from harness.activations.cache import progress
-from harness.activations.capture import capture, check_hook_names
+from harness.activations.capture import capture, check_hook_names, first_content_position
 
 
 @dataclass(frozen=True)
@@ -40,13 +40,13 @@ class ActivationRequest:
 
     @property
     def tokens_per_context(self) -> int:
-        return self.context_size - (1 if self.exclude_bos else 0)
+        return self.context_size - first_content_position(self.exclude_bos)
 
 
 def contexts_for(n_tokens: int, context_size: int, exclude_bos: bool, available: int) -> int:
     """How many contexts hold ``n_tokens`` training tokens (at most ``available``: a trainer
     then cycles over what there is)."""
-    per = context_size - (1 if exclude_bos else 0)
+    per = context_size - first_content_position(exclude_bos)
     if per < 1:
         raise ValueError(f"context_size {context_size} leaves no token once BOS is dropped")
     if available < 1:
@@ -74,7 +74,7 @@ def run_pass(
     stored: dict[str, torch.Tensor] = {}
     first = 0
     if request is not None:
-        per, first = request.tokens_per_context, (1 if request.exclude_bos else 0)
+        per, first = request.tokens_per_context, first_content_position(request.exclude_bos)
         probe = capture(model, corpus_tokens[:1, :2].to(model.cfg.device), s_hooks)
         stored = {h: torch.empty(request.n_contexts * per, a.shape[-1]) for h, a in probe.items()}
     starts = range(0, end, batch_size)

@@ -5,7 +5,6 @@ cached by everything the result depends on."""
 from __future__ import annotations
 
 import hashlib
-import math
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -13,8 +12,14 @@ from typing import Any
 import torch
 
 from harness.activations.cache import ContentCache
-from harness.activations.capture import capture, check_hook_names
-from harness.activations.topk import ActivationStats, StreamingTopK, TopKResult, TopKSpec
+from harness.activations.capture import capture, check_hook_names, content_positions
+from harness.activations.topk import (
+    ActivationStats,
+    ContextTopK,
+    StreamingTopK,
+    TopKResult,
+    TopKSpec,
+)
 from harness.data.corpus import Corpus, CorpusRecipe, build_corpus, tokenizer_hash
 
 CORPUS_VERSION = "1"
@@ -90,54 +95,6 @@ class HookHarvest:
         return out
 
 
-class ContextTopK:
-    """Per unit, the k contexts with the highest max-over-positions activation, each with its
-    argmax position. Ties: larger value first, then smaller context id (argmax ties: first
-    position, as torch.max documents). Memory: 3 x (k, n_units), independent of the corpus."""
-
-    def __init__(self, spec: TopKSpec) -> None:
-        shape = (spec.k, spec.n_units)
-        self.k = spec.k
-        self.values = torch.full(shape, -math.inf)  # (k, n_units)
-        self.context = torch.full(shape, -1, dtype=torch.long)  # (k, n_units)
-        self.position = torch.full(shape, -1, dtype=torch.long)  # (k, n_units)
-        self.n_seen = 0
-        self._last = -1
-
-    def update(self, acts: torch.Tensor, context_ids: torch.Tensor, mask: torch.Tensor) -> None:
-        """acts (b, L, n_units); context_ids (b,) increasing and larger than every id seen
-        before; mask (L,) of positions that may win."""
-        if self.n_seen and context_ids.numel() and int(context_ids[0]) <= self._last:
-            raise ValueError("ContextTopK needs contexts in increasing id order")
-        first = int(mask.to(torch.int8).argmax()) if mask.any() else mask.numel()
-        if mask[first:].all():  # the usual case (BOS skipped): a slice, no masked copy
-            vals, pos = acts[:, first:].max(dim=1)  # (b, n_units) each; max propagates NaN
-            pos = pos + first
-        else:
-            vals, pos = acts.masked_fill(~mask[None, :, None], -math.inf).max(dim=1)
-        if torch.isnan(vals).any():
-            raise ValueError("NaN in activations: refusing to rank it")
-        ctx = context_ids[:, None].expand_as(pos)  # (b, n_units)
-        values = torch.cat([self.values, vals.float()])  # (k + b, n_units)
-        # The state is in (value desc, context asc) order and every new context id is larger,
-        # so ranking by (value desc, row asc) is the tie rule. One topk on a unique int64 key
-        # (order-preserving int32 image of the float, then the inverted row index) does it
-        # ~4x faster than a stable argsort of many short columns.
-        bits = values.contiguous().view(torch.int32)  # (k + b, n_units)
-        ordered = torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits).long()
-        rows = torch.arange(values.shape[0], dtype=torch.long)[:, None]
-        keep = ((ordered << 32) + (0xFFFFFFFF - rows)).topk(self.k, dim=0).indices  # (k, n_units)
-        self.values = values.gather(0, keep)
-        self.context = torch.cat([self.context, ctx]).gather(0, keep)
-        self.position = torch.cat([self.position, pos]).gather(0, keep)
-        self.n_seen += acts.shape[0]
-        if context_ids.numel():
-            self._last = int(context_ids[-1])
-
-    def result(self) -> TopKResult:
-        return TopKResult(self.values.clone(), self.context.clone(), self.position.clone(), self.n_seen)
-
-
 class Harvester:
     """The streaming state of a harvest: fed batch by batch (by :func:`_compute` or by the
     shared corpus pass, :func:`harness.activations.corpus_pass.run_pass`), then :meth:`result`."""
@@ -161,7 +118,7 @@ class Harvester:
         b, length = next(iter(acts.values())).shape[:2]
         ctx = torch.arange(start, start + b).repeat_interleave(length)  # (b*L,)
         pos = torch.arange(length).repeat(b)  # (b*L,)
-        mask = pos > 0 if self.spec.skip_bos else torch.ones_like(pos, dtype=torch.bool)
+        mask = content_positions(length, self.spec.skip_bos).repeat(b)  # (b*L,)
         for h in self.hooks:
             a = acts[h]
             flat = a.reshape(b * length, -1).float().cpu()  # (b*L, n_units)

@@ -20,7 +20,9 @@ tokens per unit that can still be in its top-k are kept (block maxima against a 
 threshold, no sort of the chunk), and candidates are reduced to the exact top-k by stable sorts
 now and then. No (d_vocab, n_units) matrix is held. (Feeding each chunk to
 :class:`~harness.activations.topk.StreamingTopK` gives the same answer, checked in the tests, at about 3x the
-GEMM: see benchmarks/test_bench_geometry.py.)
+GEMM: see benchmarks/test_bench_geometry.py.) This is why Method 2 keeps its own top-k beside
+the suite's streaming one: the same ranking under the same tie rule, specialised to scores that
+a GEMM produces a chunk at a time; :func:`score_topk_reference` is the tests' brute-force check.
 """
 
 from __future__ import annotations
@@ -214,7 +216,8 @@ def score_topk_reference(
     W_E: Tensor, W: Tensor, k: int = 20, *, cosine: bool, scale: Tensor | None = None
 ) -> TopKResult:
     """Reference for :func:`score_topk`: the full (d_vocab, n_units) score matrix, one stable
-    descending ``torch.sort`` per column (rows are in token order: ties go to the smaller id)."""
+    descending ``torch.sort`` per column (rows are in token order: ties go to the smaller id).
+    Used by the tests only, never by a claim."""
     dtype = _checked(W_E, W, scale, k, 1)
     x = W_E.detach().to(dtype)  # (d_vocab, d_model)
     x = x if scale is None else x * scale.detach().to(dtype)

@@ -82,6 +82,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from harness.activations.capture import first_content_position
 from harness.analyses.agreement import DOMINANT_OF, TOKEN_TYPES, Vocabulary, dominant_type
 from harness.analyses.geometry import score_topk
 from harness.data.corpus import Corpus
@@ -226,7 +227,7 @@ def choose_wired_tokens(corpus: Corpus, tokenizer: Any, n: int, min_count: int =
     are eligible.
     """
     vocab = len(tokenizer)
-    body = corpus.tokens[:, 1:]  # (n_contexts, context_len - 1)
+    body = corpus.tokens[:, first_content_position(True):]  # (n_contexts, context_len - 1)
     counts = torch.bincount(body.reshape(-1), minlength=vocab)  # (vocab,)
     rows = torch.arange(body.shape[0]).unsqueeze(1).expand_as(body)  # (n_contexts, len - 1)
     pairs = torch.unique(rows.reshape(-1) * vocab + body.reshape(-1))  # distinct (row, token)

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from harness.activations.cache import ContentCache, progress
-from harness.activations.capture import capture, check_hook_names
+from harness.activations.capture import capture, check_hook_names, first_content_position
 from harness.activations.topk import StreamingTopK, TopKSpec
 from harness.data.corpus import Corpus
 from harness.evidence.figures import pyplot
@@ -131,7 +131,7 @@ class FeatureUsageAccumulator:
                  skip_bos: bool = True, seed: int = 0) -> None:
         self.top = StreamingTopK(TopKSpec(n_top, d_sae))  # validates n_top, d_sae
         self.random = StreamingTopK(TopKSpec(n_random, d_sae))
-        first = 1 if skip_bos else 0
+        first = first_content_position(skip_bos)
         if ctx_len <= first:
             raise ValueError(f"ctx_len must be > {first} (skip_bos={skip_bos}), got {ctx_len}")
         self.d_sae, self.ctx_len, self.first = d_sae, ctx_len, first
@@ -343,7 +343,7 @@ def usage_from_activations(sae: Any, acts: Tensor, tokens: Tensor, *, n_top: int
     up to the float bits of a forward run at another batch size."""
     _check_tokens(tokens)
     n_ctx, length = tokens.shape
-    per = length - 1
+    per = length - first_content_position(True)  # the pass stored positions 1.. of each context
     if acts.shape[0] < n_ctx * per:
         raise ValueError(f"{acts.shape[0]} activation rows cannot cover {n_ctx} contexts of {per}")
     w = sae.W_enc

@@ -19,9 +19,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from harness.activations.capture import block_index
+from harness.activations.capture import block_index, content_positions
+from harness.models.depth import relative_layers
 from harness.models.loaders import weights_hash
 from harness.models.subjects import SubjectError, SubjectUnavailable
+from harness.statistics.stats import centred_sum_of_squares, fraction_variance_explained
 
 SOURCE_DEPTHS = (6, 8, 10, 11)
 """The source's residual SAE layers (gpt2-small-res-jb, of 12 layers)."""
@@ -93,14 +95,10 @@ class SAESpec:
 
 
 def sae_depths(n_layers: int) -> tuple[int, ...]:
-    """The source's depths mapped onto a model of ``n_layers``: layer = floor(L/12 * n + 1/2),
-    capped at n - 1, duplicates dropped. SmolLM2's 30 layers: 15, 20, 25, 28."""
-    out: list[int] = []
-    for d in SOURCE_DEPTHS:
-        layer = min(int(d / SOURCE_N_LAYERS * n_layers + 0.5), n_layers - 1)
-        if layer not in out:
-            out.append(layer)
-    return tuple(out)
+    """The source's depths mapped onto a model of ``n_layers`` by the suite's one relative-depth
+    rule (:func:`harness.models.depth.relative_layers`: round half up, capped at n - 1,
+    duplicates dropped). SmolLM2's 30 layers: 15, 20, 25, 28."""
+    return relative_layers(SOURCE_DEPTHS, SOURCE_N_LAYERS, n_layers)
 
 
 MIN_DEPTHS_FOR_A_TREND = 3
@@ -241,13 +239,13 @@ def quality_from_rows(r: dict[str, Any], rows: np.ndarray | None = None) -> dict
     """The :func:`sae_quality` metrics from per-context sums (:func:`sae_quality_rows`) over
     the chosen contexts (all by default; repeats allowed, so a caller can bootstrap)."""
     idx = np.arange(len(r["n"])) if rows is None else rows
-    tot = {k: r[k][idx].sum(0) for k in ("sse", "q", "s", "n", "cos", "l0", "ce_n", "ce_clean",
+    tot = {k: r[k][idx].sum(0) for k in ("sse", "q", "n", "cos", "l0", "ce_n", "ce_clean",
                                           "ce_spliced", "ce_ablated")}
     n, clean = tot["n"], tot["ce_clean"] / tot["ce_n"]
     spliced, ablated = tot["ce_spliced"] / tot["ce_n"], tot["ce_ablated"] / tot["ce_n"]
     return {
-        "fve": float(1 - tot["sse"] / (tot["q"] - np.square(tot["s"]).sum() / n)),
-        "fve_uncentered": float(1 - tot["sse"] / tot["q"]),
+        "fve": fve_from_sums(r, idx),
+        "fve_uncentered": float(fraction_variance_explained(tot["sse"], tot["q"])),
         "cosine": float(tot["cos"] / n),
         "l0": float(tot["l0"] / n),
         "ce_clean": float(clean),
@@ -283,8 +281,7 @@ def sae_quality_rows(
     start_of = {h: block_index(h) for h in hooks}
     share_prefix = share_prefix and None not in start_of.values() and _can_start_midway(model)
     starts = sorted({start_of[h] for h in hooks}) if share_prefix else []
-    keep = torch.ones(tokens.shape[1], dtype=torch.bool, device=dev)
-    keep[0] = not skip_bos
+    keep = content_positions(tokens.shape[1], skip_bos, dev)  # (pos,)
     keys = ("sse", "q", "s", "cos", "l0", "n", "ce_spliced")
     acc: list[dict[str, list]] = [{k: [] for k in keys} for _ in saes]
     fired = [torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=dev) for sae in saes]
@@ -388,12 +385,13 @@ def reconstruction_sums(sae: Any, acts: torch.Tensor, keep: torch.Tensor,
 
 
 def fve_from_sums(sums: dict[str, np.ndarray], rows: np.ndarray | None = None) -> float:
-    """1 - sum sse / sum ||x - mean x||^2 over the chosen rows (all by default; repeats allowed)."""
+    """FVE = 1 - sum sse / sum ||x - mean x||^2 over the chosen rows (all by default; repeats
+    allowed) of per-row sums (:func:`reconstruction_sums`, :func:`sae_quality_rows`), by
+    harness.statistics.stats' one FVE formula."""
     if rows is None:
         rows = np.arange(len(sums["n"]))
-    n = sums["n"][rows].sum()
-    centred = sums["q"][rows].sum() - np.square(sums["s"][rows].sum(0)).sum() / n
-    return float(1 - sums["sse"][rows].sum() / centred)
+    centred = centred_sum_of_squares(sums["q"][rows].sum(), sums["s"][rows].sum(0), sums["n"][rows].sum())
+    return float(fraction_variance_explained(sums["sse"][rows].sum(), centred))
 
 
 # --- hub SAEs --------------------------------------------------------------------------------

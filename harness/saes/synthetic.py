@@ -32,7 +32,7 @@ from sae_lens.synthetic import (
 from scipy import stats
 from torch import Tensor
 
-from harness.statistics.stats import Estimate
+from harness.statistics.stats import Estimate, fraction_variance_explained
 
 RECOVERED_COSINE = 0.9
 """A true feature counts as recovered when some decoder row has cosine > this with it."""
@@ -230,9 +230,10 @@ def sae_lens_eval(sae: TopKTrainingSAE, feature_dict: FeatureDictionary,
         return eval_sae_on_synthetic_data(sae, feature_dict, generator, num_samples=n)
 
 
-def fraction_variance_explained(sq_err: np.ndarray, sq_dev: np.ndarray) -> float:
-    """FVE = 1 - sum_i ||x_i - x_hat_i||^2 / sum_i ||x_i - mean(x)||^2 (sae-lens' R^2)."""
-    return float(1.0 - np.sum(sq_err) / np.sum(sq_dev))
+def heldout_fve(h: Heldout) -> float:
+    """FVE of the held-out samples (harness.statistics.stats.fraction_variance_explained):
+    1 - sum_i ||x_i - x_hat_i||^2 / sum_i ||x_i - mean(x)||^2 (sae-lens' R^2)."""
+    return float(fraction_variance_explained(np.sum(h.sq_err), np.sum(h.sq_dev)))
 
 
 def fve_bootstrap(h: Heldout, rng: np.random.Generator, *, n_resamples: int = 2000,
@@ -240,13 +241,13 @@ def fve_bootstrap(h: Heldout, rng: np.random.Generator, *, n_resamples: int = 20
     """FVE with a paired percentile bootstrap over samples (mean(x) fixed at the full sample's:
     a resample's own mean differs by O(1/n))."""
     def fve(e: np.ndarray, v: np.ndarray, axis: int = -1) -> np.ndarray:
-        return 1.0 - e.sum(axis=axis) / v.sum(axis=axis)
+        return fraction_variance_explained(e.sum(axis=axis), v.sum(axis=axis))
 
     res = stats.bootstrap((h.sq_err, h.sq_dev), fve, paired=True, vectorized=True,
                           n_resamples=n_resamples, confidence_level=confidence,
                           method="percentile", rng=rng)
     ci = res.confidence_interval
-    return Estimate(fraction_variance_explained(h.sq_err, h.sq_dev), float(ci.low), float(ci.high),
+    return Estimate(heldout_fve(h), float(ci.low), float(ci.high),
                     len(h.sq_err), "bootstrap-percentile", confidence)
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -173,10 +174,20 @@ def cluster_bootstrap_columnwise_pearson(
         with np.errstate(invalid="ignore", divide="ignore"):
             rb = np.where(var > 0, cov / np.sqrt(np.where(var > 0, var, 1.0)), np.nan)
         draws[start:start + b] = statistic(np.clip(rb, -1.0, 1.0), axis=1)
-    alpha = (1 - confidence) / 2
-    lo, hi = np.percentile(draws, [100 * alpha, 100 * (1 - alpha)])  # a NaN draw surfaces
-    return r, Estimate(value, float(lo), float(hi), int(labels.size),
+    lo, hi = percentile_interval(draws, confidence)  # a NaN draw surfaces
+    return r, Estimate(value, lo, hi, int(labels.size),
                        f"cluster bootstrap over {labels.size} texts", confidence)
+
+
+def percentile_interval(draws: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """The central ``confidence`` range of ``draws``: their (1 - c)/2 and (1 + c)/2 percentiles
+    (numpy's linear interpolation). The suite's one percentile rule: every percentile interval
+    (:func:`percentile_estimate`, the cluster bootstrap, hand-written resampling loops in the
+    claims) goes through it. A NaN draw gives NaN bounds (visibly); :func:`percentile_estimate`
+    refuses them instead."""
+    alpha = (1 - confidence) / 2
+    lo, hi = np.percentile(np.asarray(draws, dtype=float), [100 * alpha, 100 * (1 - alpha)])
+    return float(lo), float(hi)
 
 
 def percentile_estimate(value: float, draws: np.ndarray, n: int, method: str,
@@ -191,9 +202,52 @@ def percentile_estimate(value: float, draws: np.ndarray, n: int, method: str,
         raise HarnessError(f"{method}: {bad} of {draws.size} resampled values are not finite")
     if draws.size < 2:
         raise ValueError(f"an interval needs at least 2 draws, got {draws.size}")
-    alpha = (1 - confidence) / 2
-    lo, hi = np.percentile(draws, [100 * alpha, 100 * (1 - alpha)])
-    return Estimate(float(value), float(lo), float(hi), int(n), method, confidence)
+    lo, hi = percentile_interval(draws, confidence)
+    return Estimate(float(value), lo, hi, int(n), method, confidence)
+
+
+def null_estimate(draws: np.ndarray, method: str = "label-shuffle null (mean, 95% range)") -> Estimate:
+    """A null distribution as an Estimate: the mean of its ``draws`` with their central 95 %
+    range (what a claim's headline interval must clear, harness.evidence.record)."""
+    draws = np.asarray(draws, dtype=float)
+    return percentile_estimate(float(np.mean(draws)), draws, draws.size, method)
+
+
+def bootstrap_indices(n: int, rng: np.random.Generator, n_resamples: int) -> Iterator[np.ndarray]:
+    """``n_resamples`` index vectors of a plain bootstrap over ``n`` units (drawn with
+    replacement, ``rng.integers(0, n, n)``, the same draws as ``rng.choice(values, n)``), for
+    statistics that scipy's vectorised bootstrap cannot take (a dict of metrics from
+    per-unit sums, a rank correlation over a subset)."""
+    if n < 1:
+        raise ValueError(f"a bootstrap needs at least 1 unit, got {n}")
+    for _ in range(n_resamples):
+        yield rng.integers(0, n, n)
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rho of (x, y); 0 when y is constant. rho is undefined there, but a constant
+    y (e.g. equal specialist counts at every depth) shows no association, and a NaN would be
+    dropped from a bootstrap, conditioning its interval on the resamples that happened to vary."""
+    if len(set(np.asarray(y).tolist())) < 2:
+        return 0.0
+    return float(stats.spearmanr(x, y).statistic)
+
+
+def fraction_variance_explained(sse: Any, total: Any) -> Any:
+    """FVE = 1 - SSE / total, with SSE = sum_i ||x_i - x_hat_i||^2 and total the sum of
+    squares it is compared with: sum_i ||x_i - mean x||^2 (the FVE, sae-lens' R^2; see
+    :func:`centred_sum_of_squares`) or sum_i ||x_i||^2 (the "uncentred" reading). The suite's
+    one FVE formula (synthetic data, the SAE quality table, R2 and S7); elementwise on arrays,
+    so a vectorised bootstrap can pass per-resample sums. An identity reconstruction gives 1,
+    reconstructing every x by the mean gives 0 (centred total)."""
+    return 1.0 - sse / total
+
+
+def centred_sum_of_squares(sum_sq: Any, sum_x: np.ndarray, n: Any) -> Any:
+    """sum_i ||x_i - mean x||^2 from sufficient statistics: sum_i ||x_i||^2 - ||sum_i x_i||^2 / n
+    (``sum_x`` the (d,) vector sum), so per-row sums can be combined over any rows (a
+    bootstrap over texts or contexts) without keeping the activations."""
+    return sum_sq - np.square(sum_x).sum() / n
 
 
 def slope(y: np.ndarray) -> float:

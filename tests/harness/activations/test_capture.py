@@ -101,3 +101,14 @@ def test_cached_capture_equals_capture_and_reads_on_a_hit(tmp_path, monkeypatch)
         cached_capture(cache, loaded, tokens.flip(1), hooks)
     with pytest.raises(AssertionError, match="must not run"):  # other hooks: another key
         cached_capture(cache, loaded, tokens, hooks[:1])
+
+
+def test_the_one_bos_convention():
+    from harness.activations.capture import content_positions, first_content_position
+
+    assert first_content_position(True) == 1 and first_content_position(False) == 0
+    assert content_positions(4).tolist() == [False, True, True, True]
+    assert content_positions(3, has_bos=False).tolist() == [True, True, True]
+    batch = _batch([2, 4], 4)
+    assert batch.content_mask.tolist() == [[False, True, False, False], [False, True, True, True]]
+    assert _batch([2, 4], 4, has_bos=False).content_mask.tolist() == batch.mask.tolist()

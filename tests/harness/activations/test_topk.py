@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from harness.activations.topk import (
     ActivationStats,
+    ContextTopK,
     QuantileBins,
     StreamingTopK,
     TopKResult,
@@ -321,3 +322,49 @@ def test_quantile_error_is_within_the_documented_bound(growth: float) -> None:
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         stats.quantile(1.5)
     assert stats.counts.shape == (u, bins.n_bins)  # memory: fixed by the bins, not by n
+
+
+# --- ContextTopK: the same merge over one candidate per context -------------------------------
+
+
+def test_context_topk_hand_computed() -> None:
+    # 3 contexts x 3 positions, 1 unit; position 0 (BOS) may not win.
+    acts = torch.tensor([[9.0, 1.0, 2.0], [9.0, 2.0, 2.0], [0.0, 5.0, 1.0]]).unsqueeze(-1)  # (3, 3, 1)
+    top = ContextTopK(TopKSpec(2, 1))
+    top.update(acts, torch.arange(3), torch.tensor([False, True, True]))
+    r = top.result()
+    # maxima over positions 1..2: ctx0 2.0@2, ctx1 2.0@1 (first argmax), ctx2 5.0@1
+    assert r.values[:, 0].tolist() == [5.0, 2.0]
+    assert r.context[:, 0].tolist() == [2, 0]  # tie 2.0: the smaller context id
+    assert r.position[:, 0].tolist() == [1, 2]
+    assert r.n_seen == 3
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 6), st.integers(1, 5))
+def test_context_topk_equals_brute_force_over_context_maxima_in_any_order(seed: int, k: int, batch: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    vals = torch.tensor(TIE_VALUES)
+    acts = vals[torch.randint(len(vals), (9, 4, 3), generator=g)]  # (n_ctx, L, n_units), ties everywhere
+    mask = torch.tensor([False, True, True, True])
+    best, arg = acts[:, 1:].max(dim=1)  # (n_ctx, n_units)
+    expect = brute_force_topk(best, torch.arange(9), torch.zeros(9, dtype=torch.long), k)
+    for order in (torch.arange(9), torch.randperm(9, generator=g)):
+        top = ContextTopK(TopKSpec(k, 3))
+        for lo in range(0, 9, batch):
+            ids = order[lo:lo + batch]
+            top.update(acts[ids], ids, mask)
+        r = top.result()
+        assert torch.equal(r.values, expect.values) and torch.equal(r.context, expect.context)
+        filled = r.context >= 0
+        want_pos = arg.gather(0, r.context.clamp(min=0)) + 1
+        assert torch.equal(r.position[filled], want_pos[filled])
+        assert r.n_seen == 9
+
+
+def test_context_topk_refuses_nan_and_bad_shapes() -> None:
+    top = ContextTopK(TopKSpec(2, 1))
+    with pytest.raises(ValueError, match="NaN"):
+        top.update(torch.tensor([[[0.0], [math.nan]]]), torch.arange(1), torch.tensor([False, True]))
+    with pytest.raises(ValueError, match="need acts"):
+        top.update(torch.zeros(1, 2, 3), torch.arange(1), torch.tensor([False, True]))

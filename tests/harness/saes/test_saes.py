@@ -91,6 +91,30 @@ def test_identity_sae_reconstructs_exactly(subject, corpus):
     assert loaded.provenance()["origin"] == "diagnostic"
 
 
+def test_reconstruction_sums_fve_known_answers():
+    """S7's FVE from per-text sums: the identity SAE gives 1, an SAE whose reconstruction is the
+    mean of the kept activations gives 0, and the per-row sums combine over any rows."""
+    from harness.saes.sources import fve_from_sums, reconstruction_sums
+
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(3, 5, 4, generator=g)  # (texts, pos, d_in)
+    keep = torch.ones(3, 5, dtype=torch.bool)
+    keep[:, 0] = False
+    keep[2, 3:] = False  # padding
+    sums = reconstruction_sums(identity_sae(4).sae, acts, keep)
+    assert fve_from_sums(sums) == pytest.approx(1.0, abs=1e-6)
+    assert sums["n"].tolist() == [4, 4, 2]
+    mean = acts[keep].double().mean(0)  # (d_in,)
+    x = acts[keep].double()
+    n, sse = len(x), ((x - mean) ** 2).sum().item()  # x_hat = mean x for every kept token
+    mean_sums = {"sse": np.array([sse]), "q": np.array([(x**2).sum().item()]),
+                 "s": x.sum(0).numpy()[None], "n": np.array([float(n)])}
+    assert fve_from_sums(mean_sums) == pytest.approx(0.0, abs=1e-12)
+    # rows combine: text 0 twice equals sums doubled
+    doubled = {k: v[[0]] * 2 for k, v in sums.items()}
+    assert fve_from_sums(sums, np.array([0, 0])) == pytest.approx(fve_from_sums(doubled))
+
+
 def test_random_decoder_sae_scores_badly(subject, corpus):
     loaded = random_decoder_sae(32, 128, seed=3, hook_name="blocks.1.hook_resid_pre")
     q = sae_quality(loaded.sae, subject, corpus.tokens[:8])

@@ -73,3 +73,67 @@ def test_count_bounds_and_label_permutation_invariance(seed, threshold):
 def test_stratified_resample_keeps_category_sizes():
     idx = resample_within_categories(LABELS, np.random.default_rng(0))
     assert sorted(LABELS[i] for i in idx) == sorted(LABELS)
+
+
+def test_bootstrap_and_null_draws_keep_sizes_and_are_seeded():
+    from harness.saes.specialists import label_shuffle_null, stratified_bootstrap
+
+    def inside_a(rows):  # texts of category "a" in a resample: always 2
+        return sum(LABELS[i] == "a" for i in rows)
+
+    draws = stratified_bootstrap(LABELS, inside_a, np.random.default_rng(0), 20)
+    assert draws.dtype == float and (draws == 2).all()
+    first_text_label = label_shuffle_null(LABELS, lambda lab: float(lab[0] == "a"), np.random.default_rng(3), 200)
+    assert set(first_text_label) == {0.0, 1.0} and 0.2 < first_text_label.mean() < 0.5  # 1/3 expected
+    again = label_shuffle_null(LABELS, lambda lab: float(lab[0] == "a"), np.random.default_rng(3), 200)
+    assert (again == first_text_label).all()
+
+
+def test_positive_quantile_and_coverage_slope():
+    from harness.saes.specialists import coverage_slope, positive_quantile
+
+    codes = np.array([[0.0, 2.0], [-1.0, 4.0]])
+    assert positive_quantile(codes, 0.5) == 3.0  # of the positive values [2, 4]
+    assert positive_quantile(codes.astype(np.float32), 0.5).dtype == np.float32  # the codes' dtype
+    assert np.isnan(positive_quantile(np.zeros((2, 2)), 0.5))
+    # coverages 10/10, 9/10, 8/10, 7/10: one text fewer per depth step
+    assert coverage_slope([1.0, 0.9, 0.8, 0.7], 10) == pytest.approx(-0.1)
+    # equal counts give exactly 0, whatever the shares' float rounding
+    assert coverage_slope([167 / 168, 1 - 1 / 168, 167 / 168], 168) == 0.0
+
+
+def test_trigger_ratio_known_answer():
+    from harness.saes.specialists import trigger_ratio
+
+    # 4 texts x 4 positions; texts 0, 1 are the category's. Position 0 is BOS (not kept).
+    tokens = np.array([[0, 7, 7, 5], [0, 7, 8, 9], [0, 7, 7, 7], [0, 7, 8, 7]])
+    keep = np.ones_like(tokens, dtype=bool)
+    keep[:, 0] = False
+    z = np.zeros(tokens.shape)
+    z[0, 1:3] = 2.0  # token 7 fires inside: mass 2 + 2 + 1 = 5
+    z[1, 1] = 1.0
+    z[0, 3] = 0.5  # token 5: mass 0.5, never outside
+    z[2, 1] = 3.0  # outside, token 7 fires on 1 of its 4 outside occurrences (z[3, 3] = 0)
+    inside = np.array([True, True, False, False])
+    r = trigger_ratio(z, tokens, keep, inside, n_triggers=2, min_outside=3)
+    assert r["triggers"] == [7, 5] and r["kept"] == [7]
+    assert (r["n_in"], r["n_out"]) == (3, 5)
+    assert r["rate_in"] == 1.0 and r["rate_out"] == pytest.approx(1 / 5)
+    assert r["ratio"] == pytest.approx(1 / 5)
+    assert r["inside_mass_share"] == pytest.approx(5.5 / 8.5)
+    assert np.isnan(trigger_ratio(z, tokens, keep, inside, min_outside=6)["ratio"])  # nothing kept
+
+
+def test_feature_token_codes_of_an_identity_sae():
+    import torch
+
+    from harness.saes.sources import identity_sae
+    from harness.saes.specialists import feature_token_codes
+
+    sae = identity_sae(3).sae  # codes [relu(x), relu(-x)]: feature j < 3 is x_j's positive part
+    acts = torch.tensor([[[1.0, -2.0, 0.5], [3.0, 4.0, -1.0]]])  # (1 text, 2 pos, d_in 3)
+    keep = torch.tensor([[False, True]])
+    z = feature_token_codes(sae, acts, keep, [0, 4, 0])
+    assert set(z) == {0, 4}
+    np.testing.assert_array_equal(z[0], [[0.0, 3.0]])  # position 0 zeroed (not kept)
+    np.testing.assert_array_equal(z[4], [[0.0, 0.0]])  # relu(-x_1) at position 1: relu(-4) = 0

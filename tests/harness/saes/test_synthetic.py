@@ -14,8 +14,8 @@ from harness.saes import synthetic
 from harness.saes.synthetic import (
     Heldout,
     SyntheticConfig,
-    fraction_variance_explained,
     fve_bootstrap,
+    heldout_fve,
     max_cosine_per_feature,
     random_dictionary,
 )
@@ -91,9 +91,10 @@ def test_rejects_zero_rows_and_mismatched_shapes() -> None:
 
 def test_fve_known_answers() -> None:
     dev = np.array([1.0, 2.0, 3.0, 2.0])
-    assert fraction_variance_explained(np.zeros(4), dev) == 1.0
-    assert fraction_variance_explained(dev, dev) == 0.0
-    assert fraction_variance_explained(np.full(4, 0.5), dev) == pytest.approx(1 - 2 / 8)
+    one = np.ones(4)
+    assert heldout_fve(Heldout(one, one, np.zeros(4), dev)) == 1.0
+    assert heldout_fve(Heldout(one, one, dev, dev)) == 0.0
+    assert heldout_fve(Heldout(one, one, np.full(4, 0.5), dev)) == pytest.approx(1 - 2 / 8)
 
 
 def test_fve_bootstrap_interval_contains_the_value() -> None:
@@ -103,7 +104,7 @@ def test_fve_bootstrap_interval_contains_the_value() -> None:
     h = Heldout(np.ones(500), np.ones(500), err, dev)
     e = fve_bootstrap(h, np.random.default_rng(1), n_resamples=500)
     assert e.ci_low <= e.value <= e.ci_high and e.n == 500
-    assert e.value == pytest.approx(fraction_variance_explained(err, dev))
+    assert e.value == pytest.approx(heldout_fve(h))
 
 
 # --- config, seeds, determinism -------------------------------------------------------------
@@ -149,7 +150,7 @@ def test_true_features_are_unit_norm_and_heldout_matches_sae_lens_eval() -> None
     # Same seed, same draw: our per-sample computation agrees with sae-lens' streaming one.
     assert h.sae_l0.mean() == pytest.approx(ev.sae_l0)
     assert h.true_l0.mean() == pytest.approx(ev.true_l0)
-    assert fraction_variance_explained(h.sq_err, h.sq_dev) == pytest.approx(ev.explained_variance, abs=1e-4)
+    assert heldout_fve(h) == pytest.approx(ev.explained_variance, abs=1e-4)
     assert np.all(h.sae_l0 <= TINY.k)
 
 

@@ -295,3 +295,60 @@ def test_percentile_estimate_refuses_non_finite_draws() -> None:
     assert (est.ci_low, est.ci_high) == (pytest.approx(0.025), pytest.approx(0.975))
     with pytest.raises(HarnessError, match="1 of 3 resampled values are not finite"):
         percentile_estimate(0.5, np.array([0.1, np.nan, 0.2]), 3, "m")
+
+
+# --- one percentile rule, nulls, resampling, rank correlation, FVE --------------------------
+
+
+def test_percentile_interval_known_answer_and_nan() -> None:
+    from harness.statistics.stats import percentile_interval
+
+    lo, hi = percentile_interval(np.arange(101.0))  # 0..100: the 2.5th and 97.5th are 2.5, 97.5
+    assert (lo, hi) == (pytest.approx(2.5), pytest.approx(97.5))
+    assert percentile_interval(np.arange(11.0), confidence=0.8) == (pytest.approx(1.0), pytest.approx(9.0))
+    assert all(math.isnan(b) for b in percentile_interval(np.array([0.1, np.nan, 0.3])))
+
+
+def test_null_estimate_is_the_mean_with_the_central_range() -> None:
+    from harness.statistics.stats import null_estimate
+
+    est = null_estimate(np.arange(101.0))
+    assert (est.value, est.n) == (50.0, 101)
+    assert (est.ci_low, est.ci_high) == (pytest.approx(2.5), pytest.approx(97.5))
+    assert est.method == "label-shuffle null (mean, 95% range)"
+
+
+def test_bootstrap_indices_are_rng_choice_draws() -> None:
+    from harness.statistics.stats import bootstrap_indices
+
+    values = np.array([0.3, 1.7, -2.0, 5.0, 0.0, 9.5, 4.4])
+    a, b = np.random.default_rng(11), np.random.default_rng(11)
+    ours = [np.median(values[idx]) for idx in bootstrap_indices(values.size, a, 200)]
+    choice = [np.median(b.choice(values, values.size)) for _ in range(200)]
+    assert ours == choice  # the same stream as the rng.choice loops it replaced
+    with pytest.raises(ValueError):
+        next(bootstrap_indices(0, a, 1))
+
+
+def test_spearman_known_answers_and_constant_zero() -> None:
+    from harness.statistics.stats import spearman
+
+    assert spearman([6, 8, 10, 11], [1, 2, 3, 4]) == pytest.approx(1.0)
+    assert spearman([6, 8, 10, 11], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([6, 8, 10, 11], [2, 2, 3, 3]) == pytest.approx(2 / math.sqrt(5))  # ties: average ranks
+    assert spearman([6, 8, 10, 11], [3, 3, 3, 3]) == 0.0  # undefined rho: no association
+
+
+def test_fve_identity_is_one_and_mean_reconstruction_is_zero() -> None:
+    from harness.statistics.stats import centred_sum_of_squares, fraction_variance_explained
+
+    x = np.array([[1.0, 2.0], [3.0, -1.0], [0.0, 0.0], [4.0, 3.0]])  # (n, d)
+    centred = centred_sum_of_squares((x**2).sum(), x.sum(0), len(x))
+    assert centred == pytest.approx(((x - x.mean(0)) ** 2).sum())
+    assert centred == pytest.approx(20.0)  # by hand: mean (2, 1), squared deviations 2 + 5 + 5 + 8
+    assert fraction_variance_explained(0.0, centred) == 1.0  # x_hat = x
+    mean_sse = ((x - x.mean(0)) ** 2).sum()  # x_hat = mean x
+    assert fraction_variance_explained(mean_sse, centred) == pytest.approx(0.0, abs=1e-12)
+    assert fraction_variance_explained(5.0, centred) == pytest.approx(0.75)
+    # uncentred reading: against sum ||x||^2 = 40; elementwise over resamples
+    np.testing.assert_allclose(fraction_variance_explained(np.array([0.0, 10.0]), (x**2).sum()), [1.0, 0.75])
