@@ -24,6 +24,7 @@ from harness.analyses.readout import (
 )
 from harness.data.prompts import SentenceTemplates
 from harness.evidence.figures import pyplot
+from harness.models.depth import relative_layer
 from harness.statistics.stats import cluster_bootstrap_columnwise_pearson, columnwise_pearson, exact
 
 SOURCE_LAYER, SOURCE_N_LAYERS, SOURCE_NEURON = 8, 12, 481  # GPT-2 small, "neuron 481, layer 8"
@@ -37,8 +38,8 @@ x ~ -1.278). A gated MLP multiplies it by the linear branch, which has no bound.
 
 
 def source_layer(n_layers: int) -> int:
-    """The source's layer 8 of 12 at the same relative depth (the rule H2/H5 use)."""
-    return min(n_layers - 1, round(SOURCE_LAYER / SOURCE_N_LAYERS * n_layers))
+    """The source's layer 8 of 12 at the same relative depth (harness.models.depth's rule)."""
+    return relative_layer(SOURCE_LAYER, SOURCE_N_LAYERS, n_layers)
 
 
 @pytest.fixture(scope="module")

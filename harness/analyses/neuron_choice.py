@@ -6,7 +6,7 @@ The source (seeds/001) studies gpt2-small ``blocks.11.mlp.hook_post``, neuron 37
 every other subject the ids mean nothing, and both roles follow one procedure:
 
 - layer: ``last`` = the last block (the source's layer 11 of 12); ``mid`` = the block at half
-  depth, ``round(MID_LAYER / SOURCE_N_LAYERS * n_layers)``, at most ``n_layers - 2`` so that a
+  depth, harness.models.depth.relative_layer(MID_LAYER, SOURCE_N_LAYERS, n_layers), at most ``n_layers - 2`` so that a
   downstream block exists (claim N3's downstream effects);
 - neuron: the highest-variance unit of that layer's ``mlp.hook_post`` over the sample;
 - partner: its top co-activator, the unit of the same layer with the highest Pearson r of
@@ -29,6 +29,7 @@ import torch
 
 from harness.activations.cache import ContentCache, progress
 from harness.activations.capture import capture
+from harness.models.depth import relative_layer
 
 __all__ = ["CHOICE_VERSION", "ROLES", "ChoiceSpec", "NeuronChoice", "choose_neurons",
            "layer_for", "pick", "top_contexts"]
@@ -110,7 +111,7 @@ def layer_for(role: Role, n_layers: int, subject: str) -> int:
         return SOURCE_LAYER if subject == SOURCE_SUBJECT else n_layers - 1
     if role != "mid":
         raise ValueError(f"unknown role {role!r}: one of {ROLES}")
-    return max(0, min(n_layers - 2, round(MID_LAYER / SOURCE_N_LAYERS * n_layers)))
+    return max(0, min(n_layers - 2, relative_layer(MID_LAYER, SOURCE_N_LAYERS, n_layers)))
 
 
 def _pearson_row(acts: np.ndarray, n: int) -> np.ndarray:
