@@ -13,30 +13,16 @@ Run: python -m pytest benchmarks/test_bench_geometry.py -q -p no:cacheprovider -
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 import torch
-from timing import interleaved_best
+from timing import THREAD_IDS, THREADS, interleaved_best
+from timing import torch_threads as _threads
 
 from harness.activations.topk import StreamingTopK, TopKSpec
 from harness.analyses.geometry import DEFAULT_CHUNK, score_topk
 
 D_VOCAB, D_MODEL, D_MLP, K = 49152, 576, 1536, 20  # SmolLM2-135M: vocabulary x one MLP layer
-THREADS = [None, 1]
-THREAD_IDS = ["default-threads", "1-thread"]
-
-
-@contextmanager
-def _threads(n: int | None) -> Iterator[int]:
-    """torch's intra-op thread count inside the block (None: unchanged), restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n or before)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)
 
 
 def _inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -14,30 +14,16 @@ Run: python -m pytest benchmarks/test_bench_srm.py -q -p no:cacheprovider --benc
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 import torch
-from timing import interleaved_best
+from timing import THREAD_IDS, THREADS, interleaved_best
+from timing import torch_threads as _threads
 
 from harness.analyses.srm import DEFAULT_CHUNK, Plane, normalised_coordinates, srm
 
 N_VECTORS, D_MLP, N_ANGLES = 10_000, 3072, 360  # gpt2-small's MLP width, the write-up's grid
 PAIR = (373, 2202)  # the write-up's plane
-THREADS = [None, 1]
-THREAD_IDS = ["default-threads", "1-thread"]
-
-
-@contextmanager
-def _threads(n: int | None) -> Iterator[int]:
-    """torch's intra-op thread count inside the block (None: unchanged), restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n or before)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)
 
 
 def _inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -4,7 +4,24 @@ directory on sys.path for the benchmark files, which are not a package)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+THREADS = [None, 1]
+THREAD_IDS = ["default-threads", "1-thread"]
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[int]:
+    """torch's intra-op thread count inside the block (None: unchanged), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n or before)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 def interleaved_best(fns: dict[str, Callable[[], object]], rounds: int = 2) -> dict[str, float]:
