@@ -8,8 +8,22 @@ its "unmasked" (the bug) is unmasked-bos; the other two cells are reported besid
 
 The specialist search is the source's (``harness.saes.specialists``) under two thresholds: the
 source's strict 5.0 (a number specific to the gpt2-small-res-jb SAEs' scale) and a scale-free
-one (the 0.99 quantile of the SAE's positive pooled codes on the texts, source-masked pooling).
-Intervals resample texts within categories; nulls shuffle the category labels.
+one (the 0.99 quantile of the SAE's positive pooled codes on the train texts, source-masked
+pooling).
+
+Splits. The texts ship a train and a held-out split (``"split"`` in the texts file). Whatever
+is SELECTED (the candidates, the best candidate per category, the scale-free threshold, S3's
+most frequent feature, S5's trigger tokens) is chosen on the train split, and every headline
+that scores a selection is measured on the held-out split: choosing the best of 5 candidates
+on the texts that then score it favours the luckiest one. S1, S2 and S6 count and compare
+held-out scores of the train-selected specialists (a category "has a specialist" when its
+train-selected feature scores > 0 on the held-out texts), S3 measures the train-selected most
+frequent feature's held-out coverage, S5 the held-out firing of train-chosen trigger tokens.
+S4 (a max over all codes) and S7 (reconstruction of every token) select nothing and use every
+text. Each headline records the split it selected on and the one it scored on, with their
+sizes. Intervals resample texts within categories (within each split); nulls shuffle the
+category labels (within each split). A texts file without held-out rows (the split is
+optional, default train) ends S1, S2, S3, S5 and S6 inconclusive/too-few-texts.
 """
 
 from __future__ import annotations
@@ -36,15 +50,17 @@ from harness.saes.specialists import (
     SCALE_FREE_QUANTILE,
     SOURCE_THRESHOLD,
     TRIGGER_TOKENS,
+    SplitRows,
     coverage_slope,
     feature_token_codes,
-    find_specialists,
-    label_shuffle_null,
+    heldout_specialists,
     most_frequent_coverage,
     peak_activation,
     positive_quantile,
-    resample_within_categories,
+    resample_split,
     scale_free_threshold,
+    split_bootstrap,
+    split_label_null,
     stratified_bootstrap,
     trigger_ratio,
 )
@@ -57,7 +73,9 @@ from harness.statistics.stats import (
     spearman,
 )
 
-MIN_TEXTS_PER_CATEGORY = 10  # the source's 10 per category
+MIN_TEXTS_PER_CATEGORY = 10  # the source's 10 per category: in the train split where it selects
+MIN_HELDOUT_PER_CATEGORY = 5  # texts per category that score a selection (the fixture ships 6)
+SELECT, SCORE = "train", "heldout"
 N_BOOT = 300
 N_NULL = 50
 MASKED = PoolingPolicy(mask_padding=True, keep_bos=False)  # the source's masked pooling
@@ -65,6 +83,7 @@ UNMASKED = PoolingPolicy(mask_padding=False, keep_bos=True)  # the source's bug
 THRESHOLDS = ("source-5.0", f"scale-free-q{SCALE_FREE_QUANTILE}")
 HARD_CATEGORIES = ("social", "conversational")  # S6's two categories; matched by TextSet.find
 STRATIFIED = "bootstrap-percentile (texts within categories)"
+SPLIT_STRATIFIED = "bootstrap-percentile (train and held-out texts, each within categories)"
 SYNTAX_RATIO = 0.5  # S5: also in the registry's decision; used here only to label the figure
 
 
@@ -76,16 +95,21 @@ class SData:
     codes: dict[tuple[str, str], np.ndarray]  # (hook, policy name) -> (n_texts, d_sae)
     truncated: tuple[int, ...]
     thresholds: dict[tuple[str, str], float]  # (kind, hook) -> strong-activation threshold
+    split: SplitRows  # train texts select, held-out texts score
 
     def threshold(self, kind: str, hook: str) -> float:
         return self.thresholds[(kind, hook)]
 
-    def table(self, kind: str, hook: str, policy: PoolingPolicy = MASKED, rows=None, labels=None):
-        codes = self.codes[(hook, policy.name)]
-        lab = labels or self.labels
-        if rows is not None:
-            codes, lab = codes[rows], tuple(lab[i] for i in rows)
-        return find_specialists(codes, lab, self.threshold(kind, hook))
+    def table(self, kind: str, hook: str, policy: PoolingPolicy = MASKED, rows: SplitRows | None = None):
+        """Specialists selected on the train texts and scored on the held-out ones (``rows``:
+        a resample or a label shuffle of ``split``)."""
+        return heldout_specialists(self.codes[(hook, policy.name)], rows or self.split,
+                                   self.threshold(kind, hook))
+
+    def split_record(self) -> dict:
+        """Which split selected and which scored, with their sizes (recorded with a headline)."""
+        return {"selected_on": SELECT, "scored_on": SCORE, "n_selected": int(self.split.select.size),
+                "n_scored": int(self.split.score.size)}
 
 
 def _resid(saes):
@@ -119,6 +143,7 @@ def s_data(saes, texts, s_batch, s_acts) -> SData:
     if not resid:
         pytest.skip("unavailable: the subject has no residual-stream SAEs")
     hooks = tuple(s.hook_name for s in resid)
+    split = SplitRows.from_splits([t.category for t in texts.texts], [t.split for t in texts.texts], SELECT, SCORE)
     codes, thresholds = {}, {}
     with torch.no_grad():
         for s in resid:
@@ -126,24 +151,44 @@ def s_data(saes, texts, s_batch, s_acts) -> SData:
                 pooled = pool(s_acts[s.hook_name].float(), s_batch, policy)  # (n_texts, d_model)
                 codes[(s.hook_name, policy.name)] = s.sae.encode(pooled.to(s.sae.W_enc.dtype)).cpu().numpy()
             thresholds[(THRESHOLDS[0], s.hook_name)] = SOURCE_THRESHOLD
-            thresholds[(THRESHOLDS[1], s.hook_name)] = scale_free_threshold(codes[(s.hook_name, MASKED.name)])
+            # a selection parameter: from the train texts only
+            thresholds[(THRESHOLDS[1], s.hook_name)] = scale_free_threshold(
+                codes[(s.hook_name, MASKED.name)][split.select])
     depths = tuple(block_index(h) for h in hooks)
-    return SData(tuple(t.category for t in texts.texts), depths, hooks, codes, s_batch.truncated, thresholds)
+    return SData(split.labels, depths, hooks, codes, s_batch.truncated, thresholds, split)
 
 
-def _require_texts(texts, evidence, categories=()) -> None:
-    short = texts.require(MIN_TEXTS_PER_CATEGORY)
-    if short:
-        evidence.inconclusive(f"categories with fewer than {MIN_TEXTS_PER_CATEGORY} texts: {short}",
-                              code="too-few-texts")
+def _require_texts(texts, evidence, categories=(), heldout: bool = True) -> None:
+    """Enough texts per category: with ``heldout`` (a claim that selects on the train split and
+    scores on the held-out one) >= MIN_TEXTS_PER_CATEGORY train and >= MIN_HELDOUT_PER_CATEGORY
+    held-out texts, else >= MIN_TEXTS_PER_CATEGORY texts over both splits."""
+    if not heldout:
+        short = texts.require(MIN_TEXTS_PER_CATEGORY)
+        if short:
+            evidence.inconclusive(f"categories with fewer than {MIN_TEXTS_PER_CATEGORY} texts: {short}",
+                                  code="too-few-texts")
+    else:
+        short = texts.require(MIN_TEXTS_PER_CATEGORY, split=SELECT)
+        if short:
+            evidence.inconclusive(f"categories with fewer than {MIN_TEXTS_PER_CATEGORY} texts in the "
+                                  f"{SELECT!r} split, which selects the specialists: {short}", code="too-few-texts")
+        few = texts.require(MIN_HELDOUT_PER_CATEGORY, split=SCORE)
+        if few:
+            n = {c: texts.counts()[c][SCORE] for c in few}
+            evidence.inconclusive(
+                f"the claim selects on the {SELECT!r} texts and scores on held-out ones, and categories "
+                f"{few} have fewer than {MIN_HELDOUT_PER_CATEGORY} held-out texts ({n}): add lines with "
+                f'"split": "heldout" to the texts file (at least {MIN_HELDOUT_PER_CATEGORY} per category; '
+                'a line without "split" is train)', code="too-few-texts")
     missing = [c for c in categories if texts.find(c) is None]
     if missing:
         evidence.inconclusive(f"the texts have no categories {missing} (they have {list(texts.categories)}; "
                               "names match case- and separator-insensitively)", code="missing-category")
 
 
-def _counts(data: SData, kind: str, policy: PoolingPolicy = MASKED, rows=None, labels=None) -> list[int]:
-    return [data.table(kind, h, policy, rows, labels).count for h in data.hooks]
+def _counts(data: SData, kind: str, policy: PoolingPolicy = MASKED, rows: SplitRows | None = None) -> list[int]:
+    """Per depth: categories whose train-selected specialist scores > 0 on the held-out texts."""
+    return [data.table(kind, h, policy, rows).count for h in data.hooks]
 
 
 def _require_depths(data: SData, evidence) -> None:
@@ -164,26 +209,32 @@ def _published_series(claim, quantity: str) -> str:
 @pytest.mark.claim(id="S1")
 @pytest.mark.parametrize("kind", THRESHOLDS)
 def test_padding_masking_raises_specialist_counts(saes, s_data, texts, kind, evidence, rng):
+    """A specialist count is a selection (the best of 5 candidates) and its score: the
+    candidates and the best one are chosen on the train texts under each pooling policy, and
+    a category counts when that feature scores > 0 on the held-out texts."""
     _require_texts(texts, evidence)
     matrix = {p.name: _counts(s_data, kind, p) for p in POOLING_POLICIES}
     gain = sum(matrix[MASKED.name]) - sum(matrix[UNMASKED.name])
-    boots = stratified_bootstrap(s_data.labels, lambda rows: sum(_counts(s_data, kind, MASKED, rows))
-                                 - sum(_counts(s_data, kind, UNMASKED, rows)), rng, N_BOOT)
-    null = label_shuffle_null(s_data.labels, lambda lab: sum(_counts(s_data, kind, MASKED, labels=lab))
-                              - sum(_counts(s_data, kind, UNMASKED, labels=lab)), rng, N_NULL)
+    n_scored = int(s_data.split.score.size)
+    boots = split_bootstrap(s_data.split, lambda rows: sum(_counts(s_data, kind, MASKED, rows))
+                            - sum(_counts(s_data, kind, UNMASKED, rows)), rng, N_BOOT)
+    null = split_label_null(s_data.split, lambda rows: sum(_counts(s_data, kind, MASKED, rows))
+                            - sum(_counts(s_data, kind, UNMASKED, rows)), rng, N_NULL)
     evidence.record("specialist_gain_masked_minus_unmasked",
-                    percentile_estimate(gain, boots, len(s_data.labels), STRATIFIED),
+                    percentile_estimate(gain, boots, n_scored, SPLIT_STRATIFIED),
                     null=null_estimate(null),
                     description=f"sum over depths {s_data.depths} of specialists({MASKED.name}) - "
-                    f"specialists({UNMASKED.name}), threshold {kind}",
-                    padding_matrix=matrix, depths=list(s_data.depths),
+                    f"specialists({UNMASKED.name}), threshold {kind}; specialists selected on the "
+                    f"{SELECT} texts, counted where they score > 0 on the {SCORE} texts",
+                    padding_matrix=matrix, depths=list(s_data.depths), split=s_data.split_record(),
                     thresholds={h: s_data.threshold(kind, h) for h in s_data.hooks})
     for p in POOLING_POLICIES:
         evidence.record(f"specialists_{p.name}", percentile_estimate(
             float(sum(matrix[p.name])),
-            stratified_bootstrap(s_data.labels, lambda rows, p=p: sum(_counts(s_data, kind, p, rows)), rng, 100),
-            len(s_data.labels), STRATIFIED),
-            description=f"specialists summed over depths {s_data.depths} under {p.name} pooling",
+            split_bootstrap(s_data.split, lambda rows, p=p: sum(_counts(s_data, kind, p, rows)), rng, 100),
+            n_scored, SPLIT_STRATIFIED),
+            description=f"specialists summed over depths {s_data.depths} under {p.name} pooling "
+            f"(selected on {SELECT}, scored on {SCORE})",
             per_depth=matrix[p.name])
     _padding_decomposition(evidence, s_data, kind, matrix, rng)
     _strong_features_data(evidence, s_data, kind)
@@ -191,7 +242,8 @@ def test_padding_masking_raises_specialist_counts(saes, s_data, texts, kind, evi
     evidence.note(f"padding matrix, specialists per depth {s_data.depths} (of {len(set(s_data.labels))} "
                   f"categories): {matrix}; settings that change the count relative to {MASKED.name} "
                   f"(the source's masked): {changed or 'none'}. {len(s_data.labels)} texts in one "
-                  f"right-padded batch; truncated: {list(s_data.truncated) or 'none'}")
+                  f"right-padded batch ({s_data.split.select.size} {SELECT} select, "
+                  f"{s_data.split.score.size} {SCORE} score); truncated: {list(s_data.truncated) or 'none'}")
     _figure_padding(evidence, s_data, matrix, kind)
     evidence.judge()
 
@@ -212,9 +264,11 @@ def _figure_padding(evidence, data: SData, matrix, kind) -> None:
 def _strong_features_data(evidence, data: SData, kind: str) -> None:
     """Per (hook, pooling policy, text): the pooled code's strong features (code > the
     threshold), from which every specialist count of S1, S2 and S6 can be recomputed with
-    harness.saes.specialists' definition (score = strong inside - strong outside, top-5 candidates)."""
-    cols: dict[str, list] = {"hook": [], "policy": [], "text": [], "category": [], "threshold": [],
-                             "strong_features": []}
+    harness.saes.specialists' definition (score = strong inside - strong outside, top-5
+    candidates; the best candidate chosen on the train texts, scored on the held-out ones)."""
+    split_of = {int(i): SELECT for i in data.split.select} | {int(i): SCORE for i in data.split.score}
+    cols: dict[str, list] = {"hook": [], "policy": [], "text": [], "split": [], "category": [],
+                             "threshold": [], "strong_features": []}
     for h in data.hooks:
         thr = data.threshold(kind, h)
         for p in POOLING_POLICIES:
@@ -223,12 +277,14 @@ def _strong_features_data(evidence, data: SData, kind: str) -> None:
                 cols["hook"].append(h)
                 cols["policy"].append(p.name)
                 cols["text"].append(t)
+                cols["split"].append(split_of.get(t, "none"))
                 cols["category"].append(data.labels[t])
                 cols["threshold"].append(thr)
                 cols["strong_features"].append(np.flatnonzero(row).tolist())
     evidence.data("strong_features", cols, f"threshold {kind}: per SAE hook, pooling policy and "
                   "text (in the texts file's order), the features whose pooled code is > threshold")
-    cand: dict[str, list] = {"hook": [], "policy": [], "category": [], "candidates": []}
+    cand: dict[str, list] = {"hook": [], "policy": [], "category": [], "candidates": [],
+                             "selected_feature": [], "train_score": [], "heldout_score": []}
     for h in data.hooks:
         for p in POOLING_POLICIES:
             for r in data.table(kind, h, p).per_category:
@@ -236,11 +292,15 @@ def _strong_features_data(evidence, data: SData, kind: str) -> None:
                 cand["policy"].append(p.name)
                 cand["category"].append(r.category)
                 cand["candidates"].append(list(r.candidates))
+                cand["selected_feature"].append(r.best_feature)
+                cand["train_score"].append(r.selection_score)
+                cand["heldout_score"].append(r.best_score)
     evidence.data("candidates", cand, "per SAE hook, pooling policy and category: the top-5 "
-                  "candidate features by peak pooled code inside the category; with strong_features, "
-                  "a category has a specialist when some candidate's strong-inside minus "
-                  "strong-outside count is > 0, and the headline is the masked-nobos count minus the "
-                  "unmasked-bos count, summed over hooks")
+                  f"candidate features by peak pooled code inside the category on the {SELECT} texts, the "
+                  f"one with the highest strong-inside minus strong-outside count on the {SELECT} texts "
+                  "(first on ties), and its score there and on the held-out texts; with strong_features, "
+                  f"a category has a specialist when the selected feature's {SCORE} score is > 0, and the "
+                  "headline is the masked-nobos count minus the unmasked-bos count, summed over hooks")
 
 
 def _policy(mask: bool, bos: bool) -> PoolingPolicy:
@@ -272,9 +332,10 @@ def _padding_decomposition(evidence, data: SData, kind: str, matrix: dict, rng) 
         return out
 
     point = contrasts({(p.mask_padding, p.keep_bos): sum(matrix[p.name]) for p in POOLING_POLICIES})
-    draws = [contrasts(totals(resample_within_categories(data.labels, rng))) for _ in range(N_BOOT)]
+    draws = [contrasts(totals(resample_split(data.split, rng))) for _ in range(N_BOOT)]
     for name, value in point.items():
-        est = percentile_estimate(value, np.array([d[name] for d in draws]), len(data.labels), STRATIFIED)
+        est = percentile_estimate(value, np.array([d[name] for d in draws]), int(data.split.score.size),
+                                  SPLIT_STRATIFIED)
         evidence.record(name, est, co_headline=name == "padding_effect_bos_dropped",
                         description=f"2x2 decomposition of the source's contrast, threshold {kind}: "
                         + ("(masked - unmasked) with BOS dropped minus the same with BOS kept"
@@ -292,19 +353,23 @@ def _padding_decomposition(evidence, data: SData, kind: str, matrix: dict, rng) 
 @pytest.mark.claim(id="S2")
 @pytest.mark.parametrize("kind", THRESHOLDS)
 def test_deeper_layers_have_more_specialists(saes, s_data, texts, kind, claim, evidence, rng):
+    """S1's count per depth (selected on the train texts, scored on the held-out ones)."""
     _require_texts(texts, evidence)
     _require_depths(s_data, evidence)
     counts = _counts(s_data, kind)
-    boots = stratified_bootstrap(s_data.labels, lambda rows: spearman(s_data.depths, _counts(s_data, kind, rows=rows)),
-                                 rng, N_BOOT)
-    null = label_shuffle_null(s_data.labels, lambda lab: spearman(s_data.depths, _counts(s_data, kind, labels=lab)),
-                              rng, N_NULL)
+    boots = split_bootstrap(s_data.split, lambda rows: spearman(s_data.depths, _counts(s_data, kind, rows=rows)),
+                            rng, N_BOOT)
+    null = split_label_null(s_data.split, lambda rows: spearman(s_data.depths, _counts(s_data, kind, rows=rows)),
+                            rng, N_NULL)
     per_cat = {h: s_data.table(kind, h).to_dict() for h in s_data.hooks}
     evidence.record("depth_count_spearman",
-                    percentile_estimate(spearman(s_data.depths, counts), boots, len(s_data.labels), STRATIFIED),
+                    percentile_estimate(spearman(s_data.depths, counts), boots, int(s_data.split.score.size),
+                                        SPLIT_STRATIFIED),
                     null=null_estimate(null),
                     description=f"Spearman(depth, specialists) over depths {s_data.depths}, threshold {kind}, "
-                    f"{MASKED.name} pooling (0 when the counts are all equal)",
+                    f"{MASKED.name} pooling (0 when the counts are all equal); specialists selected on "
+                    f"the {SELECT} texts, counted where they score > 0 on the {SCORE} texts",
+                    split=s_data.split_record(),
                     counts=counts, non_decreasing=bool(all(np.diff(counts) >= 0)),
                     boot_share_constant=float(np.mean(boots == 0.0)), per_category=per_cat)
     evidence.note(f"specialists per depth {dict(zip(s_data.depths, counts, strict=True))} "
@@ -325,7 +390,7 @@ def _figure_heatmap(evidence, data: SData, per_cat, kind) -> None:
     ax.set_yticks(range(len(cats)), cats)
     for (i, j), v in np.ndenumerate(grid):
         ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
-    ax.set(xlabel="layer", title=f"best specialist score, inside - outside ({kind})")
+    ax.set(xlabel="layer", title=f"held-out score of the train-selected specialist ({kind})")
     fig.colorbar(im, ax=ax)
     evidence.figure(fig, f"specialist_scores_{kind}")
     plt.close(fig)
@@ -336,19 +401,25 @@ def _figure_heatmap(evidence, data: SData, per_cat, kind) -> None:
 
 @pytest.mark.claim(id="S3")
 def test_most_frequent_feature_coverage_falls_with_depth(saes, s_data, texts, claim, evidence, rng):
+    """The most frequent feature is a selection (the argmax of coverage): it is picked on
+    the train texts and its coverage measured on the held-out texts."""
     _require_texts(texts, evidence)
     _require_depths(s_data, evidence)
 
-    def coverage(rows=None):
-        return [most_frequent_coverage(s_data.codes[(h, MASKED.name)] if rows is None
-                                       else s_data.codes[(h, MASKED.name)][rows])[1] for h in s_data.hooks]
+    def coverage(rows: SplitRows) -> list[tuple[int, float]]:
+        return [most_frequent_coverage(s_data.codes[(h, MASKED.name)][rows.select],
+                                       s_data.codes[(h, MASKED.name)][rows.score]) for h in s_data.hooks]
 
-    n_texts = len(s_data.labels)  # a stratified resample keeps the number of texts
-    cov = [most_frequent_coverage(s_data.codes[(h, MASKED.name)]) for h in s_data.hooks]
-    boots = stratified_bootstrap(s_data.labels, lambda rows: coverage_slope(coverage(rows), n_texts), rng, N_BOOT)
+    n_scored = int(s_data.split.score.size)  # a stratified resample keeps the number of texts
+    cov = coverage(s_data.split)
+    boots = split_bootstrap(s_data.split, lambda rows: coverage_slope([c for _, c in coverage(rows)], n_scored),
+                            rng, N_BOOT)
     evidence.record("coverage_slope",
-                    percentile_estimate(coverage_slope([c for _, c in cov], n_texts), boots, n_texts, STRATIFIED),
-                    description=f"slope of most-frequent-feature coverage per depth step over depths {s_data.depths}",
+                    percentile_estimate(coverage_slope([c for _, c in cov], n_scored), boots, n_scored,
+                                        SPLIT_STRATIFIED),
+                    description=f"slope of most-frequent-feature coverage per depth step over depths {s_data.depths}; "
+                    f"the feature picked on the {SELECT} texts, its coverage measured on the {SCORE} texts",
+                    split=s_data.split_record(),
                     coverage={d: {"feature": f, "coverage": c} for d, (f, c) in zip(s_data.depths, cov, strict=True)})
     evidence.note(f"coverage per depth: {[round(c, 3) for _, c in cov]} (source: "
                   f"{_published_series(claim, 'most-frequent feature coverage')})")
@@ -357,7 +428,9 @@ def test_most_frequent_feature_coverage_falls_with_depth(saes, s_data, texts, cl
 
 @pytest.mark.claim(id="S4")
 def test_peak_activation_grows_with_depth(saes, s_data, texts, claim, evidence, rng):
-    _require_texts(texts, evidence)
+    """The peak is a max over every text and feature: nothing is selected and then scored, so
+    it uses every text (both splits), as the source did."""
+    _require_texts(texts, evidence, heldout=False)
     _require_depths(s_data, evidence)
 
     def log_peaks(rows=None):
@@ -373,6 +446,7 @@ def test_peak_activation_grows_with_depth(saes, s_data, texts, claim, evidence, 
                     description=f"slope of log peak (max) pooled code per depth step over depths "
                     f"{s_data.depths}; exact over the {len(s_data.labels)} texts (a max has no "
                     "consistent bootstrap)",
+                    split={"selected_on": None, "scored_on": "all", "n_selected": 0, "n_scored": len(s_data.labels)},
                     peaks=dict(zip(s_data.depths, peaks.tolist(), strict=True)))
 
     def log_q99(rows=None):
@@ -400,15 +474,18 @@ class Specialist:
     depth: int
     category: str
     feature: int
-    score: int
+    score: int  # on the train texts that selected it
+    heldout_score: int
 
 
 def _specialists(data: SData, kind: str) -> list[Specialist]:
+    """The specialists as selected: best candidate with a train score > 0 (S5 asks what a
+    selected specialist fires on; whether it holds up on held-out texts is S1's question)."""
     out = []
     for h, d in zip(data.hooks, data.depths, strict=True):
         for r in data.table(kind, h).per_category:
-            if r.has_specialist:
-                out.append(Specialist(h, d, r.category, r.best_feature, r.best_score))
+            if r.selection_score > 0:
+                out.append(Specialist(h, d, r.category, r.best_feature, r.selection_score, r.best_score))
     return out
 
 
@@ -426,32 +503,41 @@ def _token_codes(saes, s_acts, s_batch, specs: list[Specialist]) -> dict[Special
 @pytest.mark.claim(id="S5")
 @pytest.mark.parametrize("kind", THRESHOLDS)
 def test_specialists_detect_syntax_not_topic(subject, saes, s_data, s_acts, s_batch, texts, kind, evidence, rng):
+    """The specialists and their trigger tokens are chosen on the train texts; the firing
+    ratio is measured on the held-out texts' occurrences of those tokens."""
     _require_texts(texts, evidence)
     specs = _specialists(s_data, kind)
     if not specs:
-        evidence.inconclusive(f"no specialists at any depth under threshold {kind}: nothing to inspect",
-                              code="no-specialists")
+        evidence.inconclusive(f"no specialists at any depth under threshold {kind} (selected on the "
+                              f"{SELECT} texts): nothing to inspect", code="no-specialists")
     zs = _token_codes(saes, s_acts, s_batch, specs)
     tokens = s_batch.tokens.cpu().numpy()
     keep = s_batch.content_mask.cpu().numpy()
     labels = np.array(s_data.labels)
+    select = np.isin(np.arange(labels.size), s_data.split.select)
+    score = np.isin(np.arange(labels.size), s_data.split.score)
     tok = subject.model.tokenizer
     rows = []
     for s in specs:
-        r = trigger_ratio(zs[s], tokens, keep, labels == s.category)
+        r = trigger_ratio(zs[s], tokens, keep, labels == s.category, select, score)
         rows.append({"depth": s.depth, "category": s.category, "feature": s.feature, "score": s.score,
+                     "heldout_score": s.heldout_score,
                      **r, "trigger_strings": tok.convert_ids_to_tokens(r["triggers"])})  # byte-level pieces stay distinct
     ratios = np.array([r["ratio"] for r in rows], dtype=float)
     ok = ratios[np.isfinite(ratios)]
     if ok.size < 3:
         evidence.note(f"specialists: {rows}")
-        evidence.inconclusive(f"only {ok.size} of {len(rows)} specialists have trigger tokens occurring "
-                              f">= {MIN_OUTSIDE} times outside their category (need 3)", code="too-few-units")
+        evidence.inconclusive(f"only {ok.size} of {len(rows)} specialists have trigger tokens (chosen on the "
+                              f"{SELECT} texts) occurring >= {MIN_OUTSIDE} times outside their category and at "
+                              f"least once inside it in the {SCORE} texts (need 3)", code="too-few-units")
     boots = np.array([np.median(ok[idx]) for idx in bootstrap_indices(ok.size, rng, 2000)])
     evidence.record("median_outside_inside_firing_ratio",
                     percentile_estimate(float(np.median(ok)), boots, int(ok.size), "bootstrap-percentile (specialists)"),
                     description=f"median over specialists ({kind}) of firing rate on their top-{TRIGGER_TOKENS} "
-                    "trigger tokens outside their category / inside it (token level, BOS and pads excluded)",
+                    "trigger tokens outside their category / inside it (token level, BOS and pads excluded); "
+                    f"specialists and trigger tokens chosen on the {SELECT} texts, rates measured on the "
+                    f"{SCORE} texts' occurrences",
+                    split=s_data.split_record(),
                     specialists=rows, n_without_outside_triggers=int(np.isnan(ratios).sum()))
     evidence.note("per specialist (depth, category, feature: triggers -> ratio): " + "; ".join(
         f"L{r['depth']} {r['category']} f{r['feature']}: {r['trigger_strings']} -> "
@@ -461,15 +547,16 @@ def test_specialists_detect_syntax_not_topic(subject, saes, s_data, s_acts, s_ba
 
 
 def _attach_highlight(evidence, subject, data: SData, batch, specs, zs, kind) -> None:
-    """HTML: the deepest, highest-scoring specialist over 6 texts of its category and the 4
-    outside texts where it fires most."""
+    """HTML: the deepest, highest-scoring specialist over 6 held-out texts of its category and
+    the 4 held-out outside texts where it fires most."""
     from harness.saes.features import token_html
 
     s = max(specs, key=lambda x: (x.depth, x.score))
     z = zs[s]
     labels = np.array(data.labels)
-    inside = np.flatnonzero(labels == s.category)[:6]
-    outside = np.flatnonzero(labels != s.category)
+    scored = np.sort(data.split.score)
+    inside = scored[labels[scored] == s.category][:6]
+    outside = scored[labels[scored] != s.category]
     outside = outside[np.argsort(-z[outside].max(axis=1), kind="stable")[:4]]
     tok = subject.model.tokenizer
     rows = []
@@ -480,8 +567,9 @@ def _attach_highlight(evidence, subject, data: SData, batch, specs, zs, kind) ->
         rows.append((f"{labels[i]} #{i}", [tok.decode([t]) for t in ids], z[i, first:n].tolist()))
     evidence.attach(f"specialist_tokens_{kind}", token_html(
         rows, title=f"S5: layer {s.depth} {s.category} specialist, feature {s.feature} ({kind})",
-        caption=f"per-token code of feature {s.feature} of the SAE at {s.hook}; first rows: its "
-        "category's texts, last 4: the outside texts where it fires most"))
+        caption=f"per-token code of feature {s.feature} of the SAE at {s.hook} (selected on the "
+        f"{SELECT} texts); first rows: its category's {SCORE} texts, last 4: the {SCORE} outside "
+        "texts where it fires most"))
 
 
 # --- S6: the hardest categories -----------------------------------------------------------------
@@ -490,13 +578,14 @@ def _attach_highlight(evidence, subject, data: SData, batch, specs, zs, kind) ->
 @pytest.mark.claim(id="S6")
 @pytest.mark.parametrize("kind", THRESHOLDS)
 def test_social_and_conversational_are_hardest(saes, s_data, texts, kind, evidence, rng):
+    """Best specialist score = the held-out score of the candidate selected on the train texts."""
     _require_texts(texts, evidence, HARD_CATEGORIES)
     hard_categories = tuple(texts.find(c) for c in HARD_CATEGORIES)  # as the user spelt them
 
-    def gap(rows=None, labels=None):
+    def gap(rows: SplitRows | None = None) -> float:
         scores = {c: [] for c in sorted(set(s_data.labels))}
         for h in s_data.hooks:
-            for r in s_data.table(kind, h, rows=rows, labels=labels).per_category:
+            for r in s_data.table(kind, h, rows=rows).per_category:
                 scores[r.category].append(r.best_score)
         hard = np.mean([np.mean(scores[c]) for c in hard_categories])
         rest = np.mean([np.mean(v) for c, v in scores.items() if c not in hard_categories])
@@ -507,13 +596,15 @@ def test_social_and_conversational_are_hardest(saes, s_data, texts, kind, eviden
         with_spec = [d for h, d in zip(s_data.hooks, s_data.depths, strict=True)
                      if s_data.table(kind, h).by_category()[c].has_specialist]
         first[c] = with_spec[0] if with_spec else None
-    boots = stratified_bootstrap(s_data.labels, lambda rows: gap(rows=rows), rng, N_BOOT)
-    null = label_shuffle_null(s_data.labels, lambda lab: gap(labels=lab), rng, N_NULL)
+    boots = split_bootstrap(s_data.split, gap, rng, N_BOOT)
+    null = split_label_null(s_data.split, gap, rng, N_NULL)
     evidence.record("hard_minus_other_mean_best_score",
-                    percentile_estimate(gap(), boots, len(s_data.labels), STRATIFIED),
+                    percentile_estimate(gap(), boots, int(s_data.split.score.size), SPLIT_STRATIFIED),
                     null=null_estimate(null),
                     description=f"mean over depths {s_data.depths} of the best specialist score of "
-                    f"{hard_categories} minus that of the other categories, threshold {kind}",
+                    f"{hard_categories} minus that of the other categories, threshold {kind}; the best "
+                    f"candidate selected on the {SELECT} texts, its score measured on the {SCORE} texts",
+                    split=s_data.split_record(),
                     first_depth_with_specialist=first)
     evidence.note(f"first depth with a specialist per category: {first} (source: social and "
                   "conversational only in deep layers)")
@@ -525,9 +616,11 @@ def test_social_and_conversational_are_hardest(saes, s_data, texts, kind, eviden
 
 @pytest.mark.claim(id="S7")
 def test_hook_mismatch_is_detectable(subject, saes, s_data, s_acts, s_batch, texts, evidence, rng):
+    """Reconstruction of every content token of every text: nothing is selected, so every text
+    (both splits) is used."""
     from harness.saes.sources import fve_from_sums, reconstruction_sums
 
-    _require_texts(texts, evidence)
+    _require_texts(texts, evidence, heldout=False)
     first = _resid(saes)[0]
     wrong = _mismatched_hook(first)
     mismatched = s_acts[wrong]
@@ -547,6 +640,7 @@ def test_hook_mismatch_is_detectable(subject, saes, s_data, s_acts, s_batch, tex
                     description=f"FVE of the SAE at {first.hook_name} on its own hook (texts, BOS and pads excluded)")
     evidence.record("fve_mismatched", bad,
                     description=f"FVE of the same SAE fed {wrong} (the source's mismatch)",
+                    split={"selected_on": None, "scored_on": "all", "n_selected": 0, "n_scored": n},
                     per_token_means=per_token, d_sae=first.sae.cfg.d_sae, d_in=first.sae.cfg.d_in,
                     code_density_matched=per_token["matched"]["l0"] / first.sae.cfg.d_sae,
                     dense_density_matched=per_token["matched"]["dense_nonzero"] / first.sae.cfg.d_in)

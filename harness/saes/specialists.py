@@ -11,6 +11,12 @@ activation), and each text's category.
 - c has a specialist iff score(c, best(c)) > 0;  count = number of such categories
 - most-frequent-feature coverage = max_f #{t : codes[t, f] > 0} / n_texts
 - peak activation = max_{t, f} codes[t, f]
+
+Held-out scoring (:class:`SplitRows`, :func:`heldout_specialists`): the candidates and the best
+candidate are chosen on one set of texts (the train split) and the chosen feature is scored on
+others (the held-out split): score_heldout(c) = score(c, best(c)) over the held-out texts, and c
+has a specialist iff that score is > 0. Choosing the best of 5 candidates on the texts that
+score it favours the one whose score is luckiest there; on texts it never saw, it is not.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ class CategoryResult:
     inside_strong: int
     outside_strong: int
     candidates: tuple[int, ...]
+    selection_score: int | None = None
+    """``best_feature``'s score on the texts that selected it, when the other fields are
+    measured on other (held-out) texts; None when one set of texts did both."""
 
     @property
     def has_specialist(self) -> bool:
@@ -63,7 +72,8 @@ class SpecialistTable:
             "categories": {r.category: {"best_feature": r.best_feature, "score": r.best_score,
                                         "inside_strong": r.inside_strong,
                                         "outside_strong": r.outside_strong,
-                                        "candidates": list(r.candidates)}
+                                        "candidates": list(r.candidates),
+                                        "selection_score": r.selection_score}
                            for r in self.per_category},
         }
 
@@ -99,6 +109,54 @@ def find_specialists(
     return SpecialistTable(float(threshold), tuple(results))
 
 
+@dataclass(frozen=True)
+class SplitRows:
+    """Which texts select specialists and which score them, as indices into all texts (repeats
+    allowed: a bootstrap resample), with every text's category label (permuted under a
+    label-shuffle null)."""
+
+    select: np.ndarray
+    """(n_select,) int: the texts that choose candidates and the best one (the train split)."""
+    score: np.ndarray
+    """(n_score,) int: the texts the chosen features are scored on (the held-out split)."""
+    labels: tuple[str, ...]
+    """Category of every text (all splits), in the texts file's order."""
+
+    @classmethod
+    def from_splits(cls, labels: Sequence[str], splits: Sequence[str], select: str = "train",
+                    score: str = "heldout") -> SplitRows:
+        sp = np.asarray(splits)
+        return cls(np.flatnonzero(sp == select), np.flatnonzero(sp == score), tuple(labels))
+
+    def labels_of(self, rows: np.ndarray) -> list[str]:
+        return [self.labels[i] for i in rows]
+
+
+def score_selected(table: SpecialistTable, codes: np.ndarray, labels: Sequence[str]) -> SpecialistTable:
+    """``table``'s chosen features (``best_feature`` per category, selected on other texts)
+    scored on ``codes`` (n_texts, d_sae) / ``labels`` by the module docstring's score, at the
+    table's threshold; candidates kept, the selecting score kept as ``selection_score``."""
+    codes = _check(codes, labels)
+    labels_arr = np.asarray(labels)
+    results = []
+    for r in table.per_category:
+        inside = labels_arr == r.category
+        strong = codes[:, r.best_feature] > table.threshold  # (n_texts,)
+        ins, outs = int(strong[inside].sum()), int(strong[~inside].sum())
+        results.append(CategoryResult(r.category, r.best_feature, ins - outs, ins, outs, r.candidates,
+                                      selection_score=r.best_score))
+    return SpecialistTable(table.threshold, tuple(results))
+
+
+def heldout_specialists(codes: np.ndarray, rows: SplitRows, threshold: float,
+                        n_candidates: int = N_CANDIDATES) -> SpecialistTable:
+    """Specialists selected on ``rows.select`` (:func:`find_specialists`) and scored on
+    ``rows.score`` (:func:`score_selected`): ``count`` is the number of categories whose
+    selected feature scores > 0 on the held-out texts."""
+    chosen = find_specialists(codes[rows.select], rows.labels_of(rows.select), threshold, n_candidates)
+    return score_selected(chosen, codes[rows.score], rows.labels_of(rows.score))
+
+
 def positive_quantile(codes: np.ndarray, q: float, empty: float = float("nan")) -> Any:
     """The q-quantile of the positive code values, a numpy scalar of the codes' dtype (as
     ``np.quantile`` gives it: S4 takes its log in that dtype); ``empty`` when no code is positive."""
@@ -112,11 +170,16 @@ def scale_free_threshold(codes: np.ndarray, q: float = SCALE_FREE_QUANTILE) -> f
     return float(positive_quantile(codes, q, empty=float("inf")))
 
 
-def most_frequent_coverage(codes: np.ndarray) -> tuple[int, float]:
-    """(feature, share of texts on which it is active (> 0)) for the most frequent feature."""
+def most_frequent_coverage(codes: np.ndarray, scored: np.ndarray | None = None) -> tuple[int, float]:
+    """(feature, share of texts on which it is active (> 0)) for the most frequent feature of
+    ``codes`` (lower id on ties); the share is measured on ``scored`` (other texts' codes: the
+    held-out split) when given, else on ``codes``."""
     active = (np.asarray(codes) > 0).sum(axis=0)  # (d_sae,)
     f = int(np.argmax(active))
-    return f, float(active[f] / codes.shape[0])
+    if scored is None:
+        return f, float(active[f] / codes.shape[0])
+    scored = np.asarray(scored)
+    return f, float((scored[:, f] > 0).sum() / scored.shape[0])
 
 
 def coverage_slope(coverages: Sequence[float], n_texts: int) -> float:
@@ -149,13 +212,36 @@ def stratified_bootstrap(labels: Sequence[str], statistic: Callable[[np.ndarray]
                     dtype=float)
 
 
-def label_shuffle_null(labels: Sequence[str], statistic: Callable[[tuple[str, ...]], float],
-                       rng: np.random.Generator, n_resamples: int) -> np.ndarray:
-    """``statistic(labels)`` under ``n_resamples`` random permutations of the category labels
-    across texts: what a statistic of specialists gives when categories mean nothing (for
+def resample_split(rows: SplitRows, rng: np.random.Generator) -> SplitRows:
+    """A stratified bootstrap of both splits: each split's texts resampled within categories
+    (:func:`resample_within_categories`), so selection and scoring both vary."""
+    sel = rows.select[resample_within_categories(rows.labels_of(rows.select), rng)]
+    sco = rows.score[resample_within_categories(rows.labels_of(rows.score), rng)]
+    return SplitRows(sel, sco, rows.labels)
+
+
+def shuffle_within_splits(rows: SplitRows, rng: np.random.Generator) -> SplitRows:
+    """The category labels permuted among the selecting texts and, independently, among the
+    scoring texts (each split keeps its category sizes): selection and scoring when categories
+    mean nothing."""
+    labels = np.array(rows.labels, dtype=object)
+    for idx in (rows.select, rows.score):
+        labels[idx] = rng.permutation(labels[idx])
+    return SplitRows(rows.select, rows.score, tuple(labels.tolist()))
+
+
+def split_bootstrap(rows: SplitRows, statistic: Callable[[SplitRows], float],
+                    rng: np.random.Generator, n_resamples: int) -> np.ndarray:
+    """``statistic`` over ``n_resamples`` :func:`resample_split` resamples, as a float array."""
+    return np.array([statistic(resample_split(rows, rng)) for _ in range(n_resamples)], dtype=float)
+
+
+def split_label_null(rows: SplitRows, statistic: Callable[[SplitRows], float],
+                     rng: np.random.Generator, n_resamples: int) -> np.ndarray:
+    """``statistic`` under ``n_resamples`` :func:`shuffle_within_splits` label permutations:
+    what a statistic of specialists gives when categories mean nothing (for
     harness.statistics.stats.null_estimate)."""
-    return np.array([statistic(tuple(rng.permutation(np.array(labels)).tolist()))
-                     for _ in range(n_resamples)], dtype=float)
+    return np.array([statistic(shuffle_within_splits(rows, rng)) for _ in range(n_resamples)], dtype=float)
 
 
 TRIGGER_TOKENS = 3
@@ -165,32 +251,44 @@ MIN_OUTSIDE = 3
 
 
 def trigger_ratio(z: np.ndarray, tokens: np.ndarray, keep: np.ndarray, inside: np.ndarray,
+                  select: np.ndarray | None = None, score: np.ndarray | None = None,
                   n_triggers: int = TRIGGER_TOKENS, min_outside: int = MIN_OUTSIDE) -> dict:
     """How often a feature fires on its trigger tokens outside its category vs inside.
 
     ``z`` (n_texts, pos) the feature's per-token code, ``tokens`` (n_texts, pos) token ids,
     ``keep`` (n_texts, pos) the positions to count (content tokens), ``inside`` (n_texts,) the
-    category's texts. Trigger tokens = the ``n_triggers`` token ids carrying most of the
-    feature's code mass inside the category (ties: smaller id); kept if they occur >=
-    ``min_outside`` times outside it. ratio = firing rate (code > 0) on kept triggers' outside
-    occurrences / on their inside occurrences: a syntax detector fires on its tokens wherever
-    they occur (ratio near 1), a topic detector only inside its category (ratio near 0). NaN
-    when no trigger is kept or the inside rate is 0."""
-    ins = keep & inside[:, None]
-    outs = keep & ~inside[:, None]
-    ids, inv = np.unique(tokens[ins], return_inverse=True)
-    mass = np.bincount(inv, weights=z[ins], minlength=ids.size)
+    category's texts; ``select`` / ``score`` (n_texts,) bool: the texts that choose the trigger
+    tokens and the texts they are measured on (both default to all texts; family S chooses on
+    the train split and measures on the held-out one).
+
+    Trigger tokens = the ``n_triggers`` token ids carrying most of the feature's code mass in
+    the category's selecting texts (ties: smaller id); kept if they occur >= ``min_outside``
+    times outside the category among the scoring texts. ratio = firing rate (code > 0) on the
+    kept triggers' outside occurrences / on their inside occurrences, both among the scoring
+    texts: a syntax detector fires on its tokens wherever they occur (ratio near 1), a topic
+    detector only inside its category (ratio near 0). NaN when no trigger is kept, or the kept
+    ones never occur (``n_in`` 0) or never fire inside the category among the scoring texts."""
+    n = len(inside)
+    select = np.ones(n, dtype=bool) if select is None else np.asarray(select, dtype=bool)
+    score = np.ones(n, dtype=bool) if score is None else np.asarray(score, dtype=bool)
+    chooser = keep & (inside & select)[:, None]
+    ins = keep & (inside & score)[:, None]
+    outs = keep & (~inside & score)[:, None]
+    ids, inv = np.unique(tokens[chooser], return_inverse=True)
+    mass = np.bincount(inv, weights=z[chooser], minlength=ids.size)
     order = np.argsort(-mass, kind="stable")
     triggers = [int(ids[i]) for i in order[:n_triggers] if mass[i] > 0]
     kept = [t for t in triggers if int(((tokens == t) & outs).sum()) >= min_outside]
     if not kept:
         return {"triggers": triggers, "kept": [], "ratio": float("nan")}
     on = np.isin(tokens, kept)
-    rate_in = float((z[on & ins] > 0).mean())
+    n_in, n_out = int((on & ins).sum()), int((on & outs).sum())
+    rate_in = float((z[on & ins] > 0).mean()) if n_in else float("nan")
     rate_out = float((z[on & outs] > 0).mean())
-    inside_mass = float(z[ins].sum() / max(z[keep].sum(), 1e-30))
+    scored = keep & score[:, None]
+    inside_mass = float(z[ins].sum() / max(z[scored].sum(), 1e-30))
     return {"triggers": triggers, "kept": kept, "rate_in": rate_in, "rate_out": rate_out,
-            "n_in": int((on & ins).sum()), "n_out": int((on & outs).sum()),
+            "n_in": n_in, "n_out": n_out,
             "ratio": rate_out / rate_in if rate_in > 0 else float("nan"), "inside_mass_share": inside_mass}
 
 

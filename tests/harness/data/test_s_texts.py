@@ -1,5 +1,7 @@
 """Family S on a user's own texts (``--texts PATH``): every S claim must run on them and end in
-a verdict with its statistics (or inconclusive with the reason), never crash. Runs through the
+a verdict with its statistics (or inconclusive with the reason), never crash; the claims that
+select on the train split and score on the held-out one end inconclusive/too-few-texts, saying
+how to add held-out rows, when the file has none. Runs through the
 real plugin in an in-process pytest session (pytester) with the default subject and cache: the
 model loaded by any session of this process is reused (harness.evidence.plugin's process store)
 and the SAEs are built on first use, so this is slow cold and takes seconds warm."""
@@ -46,20 +48,28 @@ def _run(pytester: pytest.Pytester, run_state, rows: list[dict]) -> dict:
 
 
 def _recomputed_gain(strong_csv: Path, candidates_csv: Path) -> float:
-    """S1's headline from its data files: specialists(masked-nobos) - specialists(unmasked-bos)."""
+    """S1's headline from its data files: specialists(masked-nobos) - specialists(unmasked-bos),
+    a specialist being the candidate with the best score on the train texts (first on ties)
+    whose score on the held-out texts is > 0."""
     import csv
 
-    strong: dict[tuple[str, str], list[tuple[str, set[int]]]] = {}
+    strong: dict[tuple[str, str, str], list[tuple[str, set[int]]]] = {}
     for r in csv.DictReader(strong_csv.open()):
-        strong.setdefault((r["hook"], r["policy"]), []).append((r["category"], set(json.loads(r["strong_features"]))))
+        strong.setdefault((r["hook"], r["policy"], r["split"]), []).append(
+            (r["category"], set(json.loads(r["strong_features"]))))
+
+    def score(texts, category, f):
+        return sum(f in fs for c, fs in texts if c == category) - sum(f in fs for c, fs in texts if c != category)
+
     count = {"masked-nobos": 0, "unmasked-bos": 0}
     for r in csv.DictReader(candidates_csv.open()):
         if r["policy"] not in count:
             continue
-        texts = strong[(r["hook"], r["policy"])]
-        best = max(sum(f in fs for c, fs in texts if c == r["category"])
-                   - sum(f in fs for c, fs in texts if c != r["category"]) for f in json.loads(r["candidates"]))
-        count[r["policy"]] += best > 0
+        train, heldout = (strong[(r["hook"], r["policy"], s)] for s in ("train", "heldout"))
+        scores = [score(train, r["category"], f) for f in json.loads(r["candidates"])]
+        best = json.loads(r["candidates"])[scores.index(max(scores))]
+        assert best == int(r["selected_feature"]) and max(scores) == int(r["train_score"])
+        count[r["policy"]] += score(heldout, r["category"], best) > 0
     return float(count["masked-nobos"] - count["unmasked-bos"])
 
 
@@ -67,7 +77,14 @@ def _recomputed_gain(strong_csv: Path, candidates_csv: Path) -> float:
 def test_s_claims_run_on_user_texts(heavy_imports, pytester: pytest.Pytester, run_state):
     rename = {"python": "code", "math": "maths", "web": "links"}
     rows = [{**r, "category": rename[r["category"]]} for r in _own_texts() if r["category"] in rename]
-    rows = [r for i, r in enumerate(rows) if i % 2 == 0]  # 12 per category
+    # per category: the first 12 train texts and the 6 held-out ones
+    seen: dict[str, int] = {}
+    kept = []
+    for r in rows:
+        seen[r["category"]] = seen.get(r["category"], 0) + (r["split"] == "train")
+        if r["split"] == "heldout" or seen[r["category"]] <= 12:
+            kept.append(r)
+    rows = kept
     doc = _run(pytester, run_state, rows)
     run_dir = doc["run_dir"]
     by_id: dict[str, list[dict]] = {}
@@ -77,9 +94,10 @@ def test_s_claims_run_on_user_texts(heavy_imports, pytester: pytest.Pytester, ru
     for cid, records in by_id.items():
         for c in records:
             assert c["verdict"] in ("supported", "refuted", "inconclusive"), (cid, c["verdict"], c["reason"])
+            assert c["reason_code"] != "too-few-texts", (cid, c["reason"])
             if cid == "S6":  # the user's texts have neither social nor conversational
                 assert c["verdict"] == "inconclusive" and "social" in c["reason"], c["reason"]
-            elif c["verdict"] != "inconclusive" or "no specialists" not in c["reason"]:
+            elif c["verdict"] != "inconclusive" or c["reason_code"] not in ("no-specialists", "too-few-units"):
                 assert c["statistics"], (cid, c["reason"])
     s1 = by_id["S1"][0]["statistics"]["specialist_gain_masked_minus_unmasked"]
     assert all(max(counts) <= 3 for counts in s1["padding_matrix"].values())  # 3 categories
@@ -97,3 +115,25 @@ def test_s_claims_too_few_texts_are_inconclusive(heavy_imports, pytester: pytest
     assert {c["id"] for c in doc["claims"]} == S_CLAIMS
     for c in doc["claims"]:
         assert c["verdict"] == "inconclusive" and "fewer than 10 texts" in c["reason"], (c["id"], c["reason"])
+
+
+@pytest.mark.slow
+def test_s_claims_without_heldout_rows_say_how_to_add_them(heavy_imports, pytester: pytest.Pytester, run_state):
+    """A texts file whose lines have no "split" (all train): the claims that select on train and
+    score on held-out texts end inconclusive/too-few-texts with a reason naming the fix; S4 and
+    S7, which select nothing, still measure."""
+    keep = {"python", "math", "web"}
+    rows = [{"category": r["category"], "text": r["text"]} for r in _own_texts()  # no "split" key
+            if r["category"] in keep and r["split"] == "train"]  # 18 per category
+    doc = _run(pytester, run_state, rows)
+    by_id: dict[str, list[dict]] = {}
+    for c in doc["claims"]:
+        by_id.setdefault(c["id"], []).append(c)
+    assert set(by_id) == S_CLAIMS
+    for cid in ("S1", "S2", "S3", "S5", "S6"):
+        for c in by_id[cid]:
+            assert c["verdict"] == "inconclusive" and c["reason_code"] == "too-few-texts", (cid, c["reason"])
+            assert '"split": "heldout"' in c["reason"], c["reason"]
+    for cid in ("S4", "S7"):
+        for c in by_id[cid]:
+            assert c["reason_code"] != "too-few-texts" and c["statistics"], (cid, c["reason"])

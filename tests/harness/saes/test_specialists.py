@@ -75,18 +75,93 @@ def test_stratified_resample_keeps_category_sizes():
     assert sorted(LABELS[i] for i in idx) == sorted(LABELS)
 
 
-def test_bootstrap_and_null_draws_keep_sizes_and_are_seeded():
-    from harness.saes.specialists import label_shuffle_null, stratified_bootstrap
+def test_stratified_bootstrap_keeps_sizes_and_is_seeded():
+    from harness.saes.specialists import stratified_bootstrap
 
     def inside_a(rows):  # texts of category "a" in a resample: always 2
         return sum(LABELS[i] == "a" for i in rows)
 
     draws = stratified_bootstrap(LABELS, inside_a, np.random.default_rng(0), 20)
     assert draws.dtype == float and (draws == 2).all()
-    first_text_label = label_shuffle_null(LABELS, lambda lab: float(lab[0] == "a"), np.random.default_rng(3), 200)
-    assert set(first_text_label) == {0.0, 1.0} and 0.2 < first_text_label.mean() < 0.5  # 1/3 expected
-    again = label_shuffle_null(LABELS, lambda lab: float(lab[0] == "a"), np.random.default_rng(3), 200)
-    assert (again == first_text_label).all()
+    again = stratified_bootstrap(LABELS, lambda rows: float(rows[0]), np.random.default_rng(5), 30)
+    assert (again == stratified_bootstrap(LABELS, lambda rows: float(rows[0]), np.random.default_rng(5), 30)).all()
+
+
+# --- held-out scoring --------------------------------------------------------------------------
+
+# 12 texts: per category, 2 train then 2 held-out
+SPLIT_LABELS = ["a"] * 4 + ["b"] * 4 + ["c"] * 4
+SPLITS = ["train", "train", "heldout", "heldout"] * 3
+
+
+def test_split_rows_from_the_texts_split():
+    from harness.saes.specialists import SplitRows
+
+    rows = SplitRows.from_splits(SPLIT_LABELS, SPLITS)
+    assert rows.select.tolist() == [0, 1, 4, 5, 8, 9] and rows.score.tolist() == [2, 3, 6, 7, 10, 11]
+    assert rows.labels_of(rows.score) == ["a", "a", "b", "b", "c", "c"]
+    empty = SplitRows.from_splits(SPLIT_LABELS, ["train"] * 12)
+    assert empty.score.size == 0
+
+
+def test_heldout_scoring_known_answer():
+    """Feature 1 is the luckiest candidate on the train texts of "a" and does not hold up on the
+    held-out ones; feature 2 holds up for "b"."""
+    from harness.saes.specialists import SplitRows, heldout_specialists
+
+    codes = np.zeros((12, 4))
+    codes[[0, 1], 1] = 9.0  # feature 1: both train "a" texts, no held-out one -> train 2, held-out 0
+    codes[[4, 5, 6, 7], 2] = 8.0  # feature 2: every "b" text -> train 2, held-out 2
+    codes[10, 2] = 8.0  # ... and one held-out "c" text -> held-out score for b: 2 - 1 = 1
+    rows = SplitRows.from_splits(SPLIT_LABELS, SPLITS)
+    t = heldout_specialists(codes, rows, threshold=5.0, n_candidates=2)
+    by = t.by_category()
+    assert (by["a"].best_feature, by["a"].selection_score, by["a"].best_score) == (1, 2, 0)
+    assert not by["a"].has_specialist
+    assert (by["b"].best_feature, by["b"].selection_score, by["b"].best_score) == (2, 2, 1)
+    assert (by["b"].inside_strong, by["b"].outside_strong) == (2, 1) and by["b"].has_specialist
+    assert t.count == 1  # on the train texts alone both a and b would count
+    assert find_specialists(codes[rows.select], rows.labels_of(rows.select), 5.0, 2).count == 2
+    assert t.to_dict()["categories"]["a"]["selection_score"] == 2
+
+
+def test_split_resamples_and_shuffles_stay_within_their_split():
+    from harness.saes.specialists import SplitRows, resample_split, shuffle_within_splits
+
+    rows = SplitRows.from_splits(SPLIT_LABELS, SPLITS)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        r = resample_split(rows, rng)
+        assert set(r.select) <= set(rows.select) and set(r.score) <= set(rows.score)
+        assert sorted(r.labels_of(r.select)) == sorted(rows.labels_of(rows.select))  # category sizes kept
+        assert sorted(r.labels_of(r.score)) == sorted(rows.labels_of(rows.score))
+        sh = shuffle_within_splits(rows, rng)
+        assert sorted(sh.labels_of(rows.select)) == sorted(rows.labels_of(rows.select))
+        assert sorted(sh.labels_of(rows.score)) == sorted(rows.labels_of(rows.score))
+    moved = [shuffle_within_splits(rows, np.random.default_rng(s)).labels != rows.labels for s in range(5)]
+    assert any(moved)
+
+
+def test_split_bootstrap_and_null_are_seeded():
+    from harness.saes.specialists import SplitRows, split_bootstrap, split_label_null
+
+    rows = SplitRows.from_splits(SPLIT_LABELS, SPLITS)
+
+    def first_scored_is_a(r):
+        return float(r.labels[r.score[0]] == "a")
+
+    a = split_label_null(rows, first_scored_is_a, np.random.default_rng(3), 200)
+    assert set(a) == {0.0, 1.0} and 0.2 < a.mean() < 0.5  # 1/3 expected
+    assert (a == split_label_null(rows, first_scored_is_a, np.random.default_rng(3), 200)).all()
+    b = split_bootstrap(rows, lambda r: float(r.select.size + r.score.size), np.random.default_rng(0), 10)
+    assert (b == 12).all()
+
+
+def test_most_frequent_coverage_scored_on_other_texts():
+    train = np.array([[1.0, 1.0], [1.0, 0.0], [1.0, 0.0]])  # feature 0 on all 3
+    heldout = np.array([[0.0, 1.0], [2.0, 1.0]])  # feature 0 on 1 of 2
+    assert most_frequent_coverage(train) == (0, 1.0)
+    assert most_frequent_coverage(train, heldout) == (0, 0.5)
 
 
 def test_positive_quantile_and_coverage_slope():
@@ -122,6 +197,31 @@ def test_trigger_ratio_known_answer():
     assert r["ratio"] == pytest.approx(1 / 5)
     assert r["inside_mass_share"] == pytest.approx(5.5 / 8.5)
     assert np.isnan(trigger_ratio(z, tokens, keep, inside, min_outside=6)["ratio"])  # nothing kept
+
+
+def test_trigger_ratio_chooses_on_one_split_and_measures_on_the_other():
+    from harness.saes.specialists import trigger_ratio
+
+    # texts 0-3 inside, 4-7 outside; even texts select, odd texts score
+    tokens = np.array([[0, 7, 5]] * 8)
+    keep = np.ones_like(tokens, dtype=bool)
+    keep[:, 0] = False
+    z = np.zeros(tokens.shape)
+    z[[0, 2], 1] = 1.0  # token 7 fires in the selecting inside texts (mass 2)
+    z[0, 2] = 0.5  # token 5 less (mass 0.5)
+    z[[1, 3], 1] = 1.0  # scoring inside texts: token 7 fires on both
+    z[5, 1] = 1.0  # scoring outside texts 5, 7: token 7 fires on 1 of 2
+    inside = np.arange(8) < 4
+    select, score = np.arange(8) % 2 == 0, np.arange(8) % 2 == 1
+    r = trigger_ratio(z, tokens, keep, inside, select, score, n_triggers=1, min_outside=2)
+    assert r["triggers"] == [7] and r["kept"] == [7]
+    assert (r["n_in"], r["n_out"]) == (2, 2)  # occurrences among the scoring texts only
+    assert (r["rate_in"], r["rate_out"], r["ratio"]) == (1.0, 0.5, 0.5)
+    # a trigger that never occurs inside among the scoring texts: no inside rate, no ratio
+    gone = tokens.copy()
+    gone[[1, 3], 1] = 9
+    r = trigger_ratio(z, gone, keep, inside, select, score, n_triggers=1, min_outside=2)
+    assert r["n_in"] == 0 and np.isnan(r["rate_in"]) and np.isnan(r["ratio"])
 
 
 def test_feature_token_codes_of_an_identity_sae():
