@@ -31,6 +31,7 @@ from timing import interleaved_best
 
 from harness.activations import generation as gen
 from harness.activations.capture import tokenize
+from harness.activations.clamp import clamp_hooks
 from harness.activations.generation import Clamp, GenerationSpec, run_generation
 from tests.standins import corpus, train_tokenizer
 
@@ -85,14 +86,15 @@ def test_generation_rate_vs_forward(benchmark, model, prompts):
     mask = torch.zeros(BATCH, width, dtype=torch.long)
     for i, r in enumerate(rows):
         tokens[i, width - len(r):], mask[i, width - len(r):] = r, 1
-    decode = lambda: gen._generate(model, spec, tokens, mask, [None] * BATCH, None, pad)  # noqa: E731
-    new, _, _ = decode()
+    decode = lambda: gen._generate(model, tokens, mask, [clamp] * BATCH, [None] * BATCH,  # noqa: E731
+                                   [None] * BATCH, None, pad, NEW)
+    new, _, _, _ = decode()
     final = torch.cat([tokens, new], dim=1)  # (BATCH, width + NEW) the sequences produced
     final_mask = torch.cat([mask, torch.ones_like(new)], dim=1)
 
     def tl_generate(kv: bool):
         def run():
-            with model.hooks(fwd_hooks=[(HOOK, gen._clamp_hook(clamp))]):
+            with model.hooks(fwd_hooks=clamp_hooks([clamp] * BATCH, "generation")):
                 return model.generate(list(prompts), max_new_tokens=NEW, do_sample=False,
                                       stop_at_eos=False, prepend_bos=False, verbose=False,
                                       use_past_kv_cache=kv, return_type="tokens")

@@ -18,6 +18,7 @@ each prompt's own length; (3) does not say where each row stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Sequence
@@ -27,47 +28,20 @@ from typing import Any, Literal, get_args
 import torch
 
 from harness.activations.cache import ContentCache, progress
-from harness.activations.capture import (
-    Batch,
-    HookNameError,
-    capture,
-    check_hook_names,
-    last_layer_needed,
-    tokenize,
-)
+from harness.activations.capture import Batch, HookNameError, capture, check_hook_names, tokenize
+from harness.activations.clamp import WHERE, Clamp, Where, clamp_hooks
+from harness.activations.rerun import rerun
 
-__all__ = ["GENERATION", "GENERATION_VERSION", "Clamp", "GenerationResult", "GenerationSpec",
-           "Sampling", "Where", "first_divergence", "prompt_seed", "run_generation"]
+__all__ = ["GENERATION", "GENERATION_VERSION", "READS", "WHERE", "Clamp", "GenerationResult",
+           "GenerationSpec", "Read", "Sampling", "Where", "first_divergence", "prompt_seed",
+           "run_generation", "run_generations"]
 
 GENERATION_VERSION = "1"
 GENERATION = "generation"
 """The stage name (harness.evidence.stages) and the cache producer."""
-Where = Literal["both", "generation-only", "rerun-only"]
-WHERE: tuple[str, ...] = get_args(Where)
-
-
-@dataclass(frozen=True)
-class Clamp:
-    """``act[..., neuron] = value`` at every position (prompt and generated) of ``hook``."""
-
-    hook: str
-    """Hook name, e.g. ``blocks.11.mlp.hook_post``."""
-    neuron: int
-    """Index into the hook's last dimension."""
-    value: float
-    """The clamped value v. v = 0 is a run like any other; the baseline is ``clamp=None``."""
-    where: Where = "both"
-    """"both" (generation and rerun: the source's choice), "generation-only" or "rerun-only"
-    (claim N3 separates what the clamp does to the text from what it does to the reading)."""
-
-    def __post_init__(self) -> None:
-        if self.where not in WHERE:
-            raise ValueError(f"clamp.where must be one of {WHERE}, got {self.where!r}")
-        if isinstance(self.neuron, bool) or not isinstance(self.neuron, int) or self.neuron < 0:
-            raise ValueError(f"clamp.neuron must be an int >= 0, got {self.neuron!r}")
-        if not isinstance(self.value, (int, float)) or not math.isfinite(self.value):
-            raise ValueError(f"clamp.value must be a finite number, got {self.value!r}")
-        object.__setattr__(self, "value", float(self.value))  # 3 and 3.0: one cache key
+Read = Literal["rerun", "generation"]
+READS: tuple[str, ...] = get_args(Read)
+"""How run_generations reads the generated positions: by a rerun (the source's) or while decoding."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +90,9 @@ class GenerationSpec:
     eos_token_id: int | None = None
     """None: the tokenizer's EOS."""
     batch_size: int = 8
-    """Prompts per batch (part of the key: batched equals unbatched only up to float noise)."""
+    """Rows per batch: prompts of this run, or (run, prompt) rows of the runs decoded together
+    by :func:`run_generations` (part of the key: batched equals unbatched only up to float
+    noise)."""
 
     def __post_init__(self) -> None:
         for name in ("prompts", "hooks"):
@@ -184,114 +160,102 @@ def prompt_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _clamp_hook(clamp: Clamp):
-    def hook(act: torch.Tensor, hook: Any) -> torch.Tensor:  # act (batch, pos, ..., d)
-        act[..., clamp.neuron] = clamp.value
-        return act
-    return hook
+def _choose(logits: torch.Tensor, samplings: Sequence[Sampling | None],
+            generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """Next token per row from logits (b, d_vocab) -> (b,): the argmax (first index on ties)
+    where ``samplings[r]`` is None, else a draw from row r's own generator."""
+    out = logits.argmax(-1)  # (b,)
+    for r, (s, g) in enumerate(zip(samplings, generators, strict=True)):
+        if s is None:
+            continue
+        x = logits[r].float() / s.temperature  # (d_vocab,)
+        if s.top_k is not None:
+            x = x.masked_fill(x < x.topk(s.top_k).values[-1], -math.inf)
+        out[r] = torch.multinomial(x.softmax(-1), 1, generator=g)[0]
+    return out
 
 
-def _choose(logits: torch.Tensor, sampling: Sampling | None,
-            generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """Next token per row from logits (b, d_vocab) -> (b,)."""
-    if sampling is None:
-        return logits.argmax(-1)
-    x = logits.float() / sampling.temperature  # (b, d_vocab)
-    if sampling.top_k is not None:
-        kth = x.topk(sampling.top_k, dim=-1).values[:, -1:]  # (b, 1)
-        x = x.masked_fill(x < kth, -math.inf)
-    probs = x.softmax(-1)  # (b, d_vocab)
-    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators,
-                                                                            strict=True)])
-
-
-def _generate(model: Any, spec: GenerationSpec, tokens: torch.Tensor, mask: torch.Tensor,
-              generators: Sequence[torch.Generator], eos: int | None, pad: int):
-    """Left-padded tokens/mask (b, P) -> new tokens (b, N), counts (b,), ended at EOS (b,)."""
+def _generate(model: Any, tokens: torch.Tensor, mask: torch.Tensor, clamps: Sequence[Clamp | None],
+              samplings: Sequence[Sampling | None], generators: Sequence[torch.Generator | None],
+              eos: int | None, pad: int, n: int, reads: Sequence[str] = (), logprobs: bool = False):
+    """Left-padded tokens/mask (b, P) -> new tokens (b, N), counts (b,), ended at EOS (b,) and
+    the readings taken while decoding (empty unless ``reads``/``logprobs``): token j's hook
+    values come from the forward that feeds it (one forward more than choosing needs), its
+    log-probs are those it was chosen from; entries past a row's end are left to the caller."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-    b, n, dev = tokens.shape[0], spec.max_new_tokens, tokens.device
+    b, dev = tokens.shape[0], tokens.device
     new = torch.full((b, n), pad, dtype=torch.long, device=dev)  # (b, N)
     counts = torch.zeros(b, dtype=torch.long, device=dev)  # (b,)
     done = torch.zeros(b, dtype=torch.bool, device=dev)  # (b,)
+    got: dict[str, torch.Tensor] = {}
+    col: list[int | None] = [None]  # the generated position the current forward feeds
+
+    def keep(act: torch.Tensor, hook: Any) -> None:  # act (b, 1, *d) while decoding
+        if col[0] is None:  # the prompt's forward: no generated position
+            return
+        if hook.name not in got:
+            got[hook.name] = torch.full((b, n, *act.shape[2:]), math.nan, device=act.device)
+        got[hook.name][:, col[0]] = act[:, -1].float()
+
     kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, b)
-    clamp = spec.clamp
-    fwd = [(clamp.hook, _clamp_hook(clamp))] if clamp and clamp.where != "rerun-only" else []
+    fwd = clamp_hooks(clamps, "generation") + [(h, keep) for h in reads]  # clamp first
     with model.hooks(fwd_hooks=fwd):  # removed on any exit, exceptions included
         logits = model(tokens, attention_mask=mask, past_kv_cache=kv)[:, -1]  # (b, d_vocab)
         one = torch.ones(b, 1, dtype=mask.dtype, device=dev)  # (b, 1)
         for step in range(n):
-            nxt = _choose(logits, spec.sampling, generators).to(dev).masked_fill(done, pad)  # (b,)
+            if logprobs:
+                if "logprobs" not in got:
+                    got["logprobs"] = torch.full((b, n, logits.shape[-1]), math.nan, device=dev)
+                got["logprobs"][:, step] = logits.float().log_softmax(-1)
+            nxt = _choose(logits, samplings, generators).to(dev).masked_fill(done, pad)  # (b,)
             new[:, step] = nxt
             counts += ~done
             if eos is not None:
                 done |= nxt == eos
-            if step == n - 1 or bool(done.all()):
+            last = step == n - 1 or bool(done.all())
+            if last and not reads:
                 break
             # ended rows keep being fed (their tokens are discarded): the batch stays rectangular
+            col[0] = step
             logits = model(nxt[:, None], attention_mask=one, past_kv_cache=kv)[:, -1]
-    return new, counts, done
+            col[0] = None
+            if last:
+                break
+    return new, counts, done, got
 
 
-def _rerun(model: Any, spec: GenerationSpec, prompts: list[torch.Tensor], new: torch.Tensor,
-           counts: torch.Tensor, pad: int) -> dict[str, torch.Tensor]:
-    """Run prompt + generated once more (right-padded: pads come after every real token, so
-    causal attention never sees them), reading the generated positions only."""
-    b, n, dev = new.shape[0], spec.max_new_tokens, new.device
-    lengths = torch.tensor([len(p) for p in prompts], device=dev)  # (b,)
-    total = lengths + counts  # (b,)
-    seq = torch.full((b, int(total.max())), pad, dtype=torch.long, device=dev)  # (b, T)
-    for i, p in enumerate(prompts):
-        seq[i, : len(p)] = p
-        seq[i, len(p): total[i]] = new[i, : counts[i]]
-    mask = (torch.arange(seq.shape[1], device=dev)[None] < total[:, None]).long()  # (b, T)
-    steps = torch.arange(n, device=dev)[None]  # (1, N)
-    valid = steps < counts[:, None]  # (b, N)
-    at = (lengths[:, None] + steps).clamp(max=seq.shape[1] - 1)  # (b, N) generated positions
-    got: dict[str, torch.Tensor] = {}
-
-    def take(act: torch.Tensor, shift: int = 0) -> torch.Tensor:  # (b, T, *d) -> (b, N, *d)
-        out = act[torch.arange(b, device=act.device)[:, None], (at - shift).to(act.device)]
-        return out.float().masked_fill(~valid.view(b, n, *[1] * (act.ndim - 2)).to(act.device),
-                                       math.nan)
-
-    def keep(act: torch.Tensor, hook: Any) -> None:
-        got[hook.name] = take(act)
-
-    hooks = spec.capture_hooks
-    clamp = spec.clamp
-    fwd = [(clamp.hook, _clamp_hook(clamp))] if clamp and clamp.where != "generation-only" else []
-    if not hooks and not spec.logprobs:
-        return got
-    with model.hooks(fwd_hooks=fwd + [(h, keep) for h in hooks]):  # clamp first: read after it
-        if spec.logprobs:
-            logits = model(seq, attention_mask=mask)  # (b, T, d_vocab)
-            # log p(token j | prompt, new[:j]) is read at the position before token j
-            got["logprobs"] = take(logits, shift=1).log_softmax(-1)
-        else:
-            model(seq, attention_mask=mask, stop_at_layer=last_layer_needed(model, hooks))
-    return got
+def _hooks(specs: Sequence[GenerationSpec]) -> tuple[str, ...]:
+    """Every run's capture hooks, in first-seen order: every row reads all of them."""
+    return tuple(dict.fromkeys(h for s in specs for h in s.capture_hooks))
 
 
-def _check(model: Any, spec: GenerationSpec, batch: Batch) -> tuple[int | None, int]:
-    """Errors about ``spec`` on this model, before any generation; returns (eos, pad)."""
+def _check(model: Any, specs: Sequence[GenerationSpec], batch: Batch) -> tuple[int | None, int]:
+    """Errors about ``specs`` on this model, before any generation; returns (eos, pad)."""
+    spec = specs[0]
     if model.tokenizer is None:
         raise ValueError("the model has no tokenizer: prompts cannot be tokenized")
+    hooks = _hooks(specs)
     try:
-        check_hook_names(model, spec.capture_hooks)
+        check_hook_names(model, hooks)
     except HookNameError as exc:
         raise ValueError(str(exc)) from None
-    for h in spec.capture_hooks:  # (batch, head, query, key): dim 1 is not the position
+    for h in hooks:  # (batch, head, query, key): dim 1 is not the position
         if h.endswith(("hook_pattern", "hook_attn_scores")):
             raise ValueError(f"{h}: attention patterns are not read per position here")
-    if spec.clamp is not None:
-        width = capture(model, batch.tokens[:1, :1], [spec.clamp.hook])[spec.clamp.hook].shape[-1]
-        if spec.clamp.neuron >= width:
-            raise ValueError(f"clamp.neuron {spec.clamp.neuron} is out of range: "
-                             f"{spec.clamp.hook} has {width} units")
+    widths: dict[str, int] = {}
+    for s in specs:
+        if s.clamp is None:
+            continue
+        h = s.clamp.hook
+        if h not in widths:
+            widths[h] = capture(model, batch.tokens[:1, :1], [h])[h].shape[-1]
+        if s.clamp.neuron >= widths[h]:
+            raise ValueError(f"clamp.neuron {s.clamp.neuron} is out of range: {h} has {widths[h]} units")
     d_vocab = model.cfg.d_vocab
-    if spec.sampling and spec.sampling.top_k and spec.sampling.top_k > d_vocab:
-        raise ValueError(f"sampling.top_k {spec.sampling.top_k} exceeds d_vocab {d_vocab}")
+    for s in specs:
+        if s.sampling and s.sampling.top_k and s.sampling.top_k > d_vocab:
+            raise ValueError(f"sampling.top_k {s.sampling.top_k} exceeds d_vocab {d_vocab}")
     longest = int(batch.lengths.max())
     if longest + spec.max_new_tokens > model.cfg.n_ctx:
         raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens "
@@ -304,48 +268,68 @@ def _check(model: Any, spec: GenerationSpec, batch: Batch) -> tuple[int | None, 
 
 
 @torch.no_grad()
-def _compute(model: Any, spec: GenerationSpec, batch: Batch, eos: int | None,
-             pad: int) -> dict[str, torch.Tensor]:
+def _compute(model: Any, specs: Sequence[GenerationSpec], batch: Batch, eos: int | None,
+             pad: int, read: Read = "rerun") -> dict[str, torch.Tensor]:
     from harness.evidence.stages import stage
 
+    spec, hooks = specs[0], _hooks(specs)
     dev = torch.device(model.cfg.device)
     n_prompts, n = len(spec.prompts), spec.max_new_tokens
-    rows = [batch.tokens[i, : batch.lengths[i]].to(dev) for i in range(n_prompts)]
-    gens = [torch.Generator(device=dev).manual_seed(prompt_seed(spec.sampling.seed, i))
-            for i in range(n_prompts)] if spec.sampling else [None] * n_prompts
+    prompts = [batch.tokens[i, : batch.lengths[i]].to(dev) for i in range(n_prompts)]
+    rows = [(s, i) for s in range(len(specs)) for i in range(n_prompts)]  # run-major
+    clamps = [specs[s].clamp for s, _ in rows]
+    samplings = [specs[s].sampling for s, _ in rows]
+    gens = [torch.Generator(device=dev).manual_seed(prompt_seed(m.seed, i)) if m else None
+            for (_, i), m in zip(rows, samplings, strict=True)]
     parts: list[dict[str, torch.Tensor]] = []
-    starts = range(0, n_prompts, spec.batch_size)
+    starts = range(0, len(rows), spec.batch_size)
+    runs = f"{len(specs)} runs x " if len(specs) > 1 else ""
     with stage(GENERATION):
-        for s in progress(starts, desc=f"{GENERATION}: {n_prompts} prompts x {n} tokens",
+        for s in progress(starts, desc=f"{GENERATION}: {runs}{n_prompts} prompts x {n} tokens",
                           total=len(starts)):
-            chunk = rows[s: s + spec.batch_size]
+            idx = range(s, min(s + spec.batch_size, len(rows)))
+            chunk = [prompts[rows[r][1]] for r in idx]
             width = max(len(r) for r in chunk)
             tokens = torch.full((len(chunk), width), pad, dtype=torch.long, device=dev)
             mask = torch.zeros(len(chunk), width, dtype=torch.long, device=dev)  # (b, P)
             for i, r in enumerate(chunk):  # left padding: every row's last token is at P - 1
                 tokens[i, width - len(r):], mask[i, width - len(r):] = r, 1
-            new, counts, stopped = _generate(model, spec, tokens, mask, gens[s: s + len(chunk)],
-                                             eos, pad)
-            read = _rerun(model, spec, chunk, new, counts, pad)
-            parts.append({"new_tokens": new, "new_lengths": counts, "stopped": stopped, **read})
+            during = read == "generation"
+            new, counts, stopped, got = _generate(
+                model, tokens, mask, [clamps[r] for r in idx], [samplings[r] for r in idx],
+                [gens[r] for r in idx], eos, pad, n, reads=hooks if during else (),
+                logprobs=spec.logprobs and during)
+            if not during:
+                got = rerun(model, chunk, new, counts, pad, [clamps[r] for r in idx], hooks,
+                             spec.logprobs)
+            parts.append({"new_tokens": new, "new_lengths": counts, "stopped": stopped, **got})
     out = {k: torch.cat([p[k] for p in parts]).cpu() for k in parts[0]}
-    valid = torch.arange(n)[None, :] < out["new_lengths"][:, None]  # (n_prompts, N)
-    for h in spec.capture_hooks:
-        a = out[h] if spec.per_token else out.pop(h)  # (n_prompts, N, *d), NaN past the end
+    valid = torch.arange(n)[None, :] < out["new_lengths"][:, None]  # (n_rows, N)
+    for h in (*hooks, "logprobs"):  # read while decoding: NaN past each row's end, as reread
+        if h in out and read == "generation":
+            out[h] = out[h].masked_fill(~valid.view(*valid.shape, *[1] * (out[h].ndim - 2)), math.nan)
+    for h in hooks:
+        a = out[h] if spec.per_token else out.pop(h)  # (n_rows, N, *d), NaN past the end
         w = valid.view(*valid.shape, *[1] * (a.ndim - 2))
-        out[f"mean/{h}"] = torch.where(w, a, 0.0).sum(1) / w.sum(1)  # (n_prompts, *d)
+        out[f"mean/{h}"] = torch.where(w, a, 0.0).sum(1) / w.sum(1)  # (n_rows, *d)
     out.update(prompt_tokens=batch.tokens.cpu(), prompt_lengths=batch.lengths.cpu())
     return out
 
 
-def _result(spec: GenerationSpec, t: dict[str, torch.Tensor]) -> GenerationResult:
-    hooks = spec.capture_hooks
-    return GenerationResult(
-        spec=spec, prompt_tokens=t["prompt_tokens"], prompt_lengths=t["prompt_lengths"],
-        new_tokens=t["new_tokens"], new_lengths=t["new_lengths"], stopped=t["stopped"],
-        means={h: t[f"mean/{h}"] for h in hooks},
-        per_token={h: t[h] for h in hooks} if spec.per_token else {},
-        logprobs=t.get("logprobs"))
+def _results(specs: Sequence[GenerationSpec], t: dict[str, torch.Tensor]) -> list[GenerationResult]:
+    """One result per run from the run-major rows of ``t``."""
+    n_prompts = t["prompt_lengths"].shape[0]
+    out = []
+    for s, spec in enumerate(specs):
+        rows = slice(s * n_prompts, (s + 1) * n_prompts)
+        hooks = spec.capture_hooks
+        out.append(GenerationResult(
+            spec=spec, prompt_tokens=t["prompt_tokens"], prompt_lengths=t["prompt_lengths"],
+            new_tokens=t["new_tokens"][rows], new_lengths=t["new_lengths"][rows],
+            stopped=t["stopped"][rows], means={h: t[f"mean/{h}"][rows] for h in hooks},
+            per_token={h: t[h][rows] for h in hooks} if spec.per_token else {},
+            logprobs=t["logprobs"][rows] if "logprobs" in t else None))
+    return out
 
 
 def run_generation(model: Any, spec: GenerationSpec, *, cache: ContentCache | None = None,
@@ -354,22 +338,55 @@ def run_generation(model: Any, spec: GenerationSpec, *, cache: ContentCache | No
     and dtype); through ``cache`` when given, keyed by ``subject`` (the subject's weight
     identity, e.g. ``LoadedSubject.weight_hash``), the spec, the prompt token ids and the
     torch / transformer-lens versions. Raises ValueError on a spec this model cannot run."""
+    return run_generations(model, (spec,), cache=cache, subject=subject)[0]
+
+
+def run_generations(model: Any, specs: Sequence[GenerationSpec], *, read: Read = "rerun",
+                    cache: ContentCache | None = None,
+                    subject: str | None = None) -> list[GenerationResult]:
+    """Several runs of one prompt set that differ only in their clamp and sampling (a dose
+    grid, its controls, sampling seeds), decoded together: the rows (run s, prompt i),
+    run-major, go through the model ``batch_size`` rows at a time, each row under its own
+    clamp and sampling (a row's greedy tokens and seeded draws are those of its run alone, up
+    to float rounding). One result per run, in order. With ``batch_size`` a multiple of the
+    number of prompts every batch holds whole runs, so all runs see the same padding.
+
+    ``read``: "rerun" (the source's protocol: rerun prompt + generated tokens under each run's
+    rerun clamp, then read) or "generation" (read while decoding, with no rerun: equal to the
+    rerun up to float rounding, half the cost; only for runs whose clamp, if any, is "both").
+    Cached as one entry (keyed as :func:`run_generation`, by every run and ``read``); a single
+    run read by rerun keeps :func:`run_generation`'s key."""
+    specs = tuple(specs)
+    if not specs:
+        raise ValueError("no runs to generate")
+    if read not in READS:
+        raise ValueError(f"read must be one of {READS}, got {read!r}")
+    shared = dataclasses.replace(specs[0], clamp=None, sampling=None)
+    for k, s in enumerate(specs):
+        if dataclasses.replace(s, clamp=None, sampling=None) != shared:
+            raise ValueError(f"run {k} differs from run 0 in more than its clamp and sampling: runs "
+                             "decoded together share prompts, max_new_tokens, hooks, flags and batch_size")
+        if read == "generation" and s.clamp is not None and s.clamp.where != "both":
+            raise ValueError(f"run {k}: read='generation' reads what the generation computed, so its "
+                             f"clamp must apply in both phases, not {s.clamp.where!r}")
     if cache is not None and not subject:
         raise ValueError("a cached run needs the subject's identity string (its weight hash)")
-    batch = tokenize(model, list(spec.prompts), prepend_bos=spec.prepend_bos)
-    eos, pad = _check(model, spec, batch)
+    batch = tokenize(model, list(shared.prompts), prepend_bos=shared.prepend_bos)
+    eos, pad = _check(model, specs, batch)
     if cache is None:
-        return _result(spec, _compute(model, spec, batch, eos, pad))
+        return _results(specs, _compute(model, specs, batch, eos, pad, read))
     from importlib.metadata import version
 
     ids = torch.cat([batch.tokens.cpu().flatten(), batch.lengths.cpu()]).numpy()
-    parts = {"subject": subject, "spec": spec, "eos": eos, "pad": pad,
+    runs = {"spec": specs[0]} if len(specs) == 1 and read == "rerun" else {"specs": list(specs),
+                                                                           "read": read}
+    parts = {"subject": subject, **runs, "eos": eos, "pad": pad,
              "prompt_tokens": hashlib.sha256(ids.tobytes()).hexdigest(),
              "dtype": str(model.cfg.dtype), "device": torch.device(model.cfg.device).type,
              "torch": torch.__version__, "transformer_lens": version("transformer-lens")}
 
     def compute() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return _compute(model, spec, batch, eos, pad), {"hooks": list(spec.capture_hooks)}
+        return _compute(model, specs, batch, eos, pad, read), {"hooks": list(_hooks(specs))}
 
     entry = cache.get_or_compute(GENERATION, GENERATION_VERSION, parts, compute)
-    return _result(spec, entry.tensors)
+    return _results(specs, entry.tensors)

@@ -5,10 +5,13 @@ position schemes)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from harness.activations import generation as gen
+from harness.activations import rerun as rerun_module
 from harness.activations.cache import ContentCache
 from harness.activations.capture import capture
 from harness.activations.generation import (
@@ -18,6 +21,7 @@ from harness.activations.generation import (
     Sampling,
     first_divergence,
     run_generation,
+    run_generations,
 )
 from tests.standins import train_tokenizer
 
@@ -25,6 +29,9 @@ PROMPTS = ("When Mary and John went to the", "def add(x, y):",
            "The war lasted from the year 1632 to", "Alice")
 POST, RESID = "blocks.1.mlp.hook_post", "blocks.1.hook_resid_post"
 N_NEW = 12
+ROUNDING = {"atol": 1e-4, "rtol": 1e-4}
+"""KV-cached decoding vs a full rerun of the sequence: the same sums in another order (float32
+activations of size ~1-10 in these stand-ins differ by up to ~3e-5)."""
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +222,8 @@ def test_no_hook_left_after_an_exception(gpt, monkeypatch, where):
     def boom(*args, **kwargs):
         raise RuntimeError("inside the hooked run")
 
-    monkeypatch.setattr(gen, "_choose" if where == "generation" else "last_layer_needed", boom)
+    monkeypatch.setattr(gen if where == "generation" else rerun_module,
+                        "_choose" if where == "generation" else "last_layer_needed", boom)
     spec = _spec(clamp=Clamp(POST, 1, 5.0), hooks=(RESID,))
     with pytest.raises(RuntimeError, match="inside the hooked run"):
         run_generation(gpt, spec)
@@ -307,4 +315,87 @@ def test_part_errors(make, message):
 def test_model_errors(gpt, kwargs, message):
     with pytest.raises(ValueError, match=message):
         run_generation(gpt, _spec(**kwargs))
+    assert not _leaked(gpt)
+
+
+# --- runs decoded together, reading while decoding -------------------------------------------
+
+
+def _group_specs(**kw) -> list[GenerationSpec]:
+    """A small grid: baseline, two doses, another neuron, a sampled run, a rerun-only clamp."""
+    runs = [{}, {"clamp": Clamp(POST, 7, 20.0)}, {"clamp": Clamp(POST, 7, -20.0)},
+            {"clamp": Clamp(POST, 3, 5.0)}, {"sampling": Sampling(seed=2, top_k=50)},
+            {"clamp": Clamp(POST, 7, 20.0, where="rerun-only")}]
+    return [_spec(**{**kw, **r}) for r in runs]
+
+
+def test_runs_decoded_together_equal_each_run_alone(model):
+    specs = _group_specs(hooks=(POST, RESID), logprobs=True, batch_size=2 * len(PROMPTS))
+    together = run_generations(model, specs)
+    assert [r.spec for r in together] == specs
+    for spec, got in zip(specs, together, strict=True):
+        alone = run_generation(model, dataclasses.replace(spec, batch_size=len(PROMPTS)))
+        assert torch.equal(got.new_tokens, alone.new_tokens)
+        assert torch.equal(got.new_lengths, alone.new_lengths)
+        for h in spec.capture_hooks:
+            torch.testing.assert_close(got.means[h], alone.means[h])
+        torch.testing.assert_close(got.logprobs, alone.logprobs, equal_nan=True)
+    assert not torch.equal(together[0].new_tokens, together[1].new_tokens)  # the doses act
+
+
+def test_reading_while_decoding_equals_the_rerun(model):
+    specs = _group_specs(hooks=(POST, RESID), per_token=True, logprobs=True)[:5]
+    by_rerun = run_generations(model, specs)
+    by_decoding = run_generations(model, specs, read="generation")
+    for a, b in zip(by_rerun, by_decoding, strict=True):
+        assert torch.equal(a.new_tokens, b.new_tokens)
+        for h in a.spec.capture_hooks:
+            torch.testing.assert_close(b.per_token[h], a.per_token[h], equal_nan=True, **ROUNDING)
+            torch.testing.assert_close(b.means[h], a.means[h], **ROUNDING)
+        torch.testing.assert_close(b.logprobs, a.logprobs, equal_nan=True, **ROUNDING)
+        assert torch.equal(b.per_token[POST].isnan(), a.per_token[POST].isnan())
+    assert not _leaked(model)
+
+
+def test_reading_while_decoding_stops_each_row_at_eos(gpt):
+    free = run_generation(gpt, _spec(stop_at_eos=False))
+    eos = int(free.new_tokens[0, 2])
+    spec = _spec(eos_token_id=eos, hooks=(POST,), per_token=True)
+    a, b = run_generations(gpt, [spec]), run_generations(gpt, [spec], read="generation")
+    assert torch.equal(a[0].new_lengths, b[0].new_lengths) and int(a[0].new_lengths.min()) <= 3
+    torch.testing.assert_close(b[0].per_token[POST], a[0].per_token[POST], equal_nan=True,
+                               **ROUNDING)
+
+
+def test_runs_decoded_together_are_cached_as_one_entry(gpt, tmp_path, monkeypatch):
+    cache = ContentCache(tmp_path)
+    specs = _group_specs(hooks=(RESID,))[:3]
+    first = run_generations(gpt, specs, cache=cache, subject="standin-a")
+    single = run_generation(gpt, specs[0], cache=cache, subject="standin-a")
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("a cache hit must not run the model")
+
+    monkeypatch.setattr(gen, "_compute", no_run)
+    for a, b in zip(run_generations(gpt, specs, cache=cache, subject="standin-a"), first, strict=True):
+        _same(a.new_tokens, b.new_tokens)
+        _same(a.means[RESID], b.means[RESID])
+    # one run read by rerun keeps run_generation's key; reading while decoding is another key
+    _same(run_generations(gpt, specs[:1], cache=cache, subject="standin-a")[0].new_tokens,
+          single.new_tokens)
+    with pytest.raises(AssertionError, match="must not run"):
+        run_generations(gpt, specs, read="generation", cache=cache, subject="standin-a")
+
+
+@pytest.mark.parametrize(("runs", "kwargs", "message"), [
+    ([], {}, "no runs"),
+    ([_spec(), _spec(max_new_tokens=3)], {}, "differs from run 0"),
+    ([_spec(), _spec(hooks=(POST,))], {}, "differs from run 0"),
+    ([_spec(clamp=Clamp(POST, 1, 2.0, where="rerun-only"))], {"read": "generation"}, "both phases"),
+    ([_spec()], {"read": "decode"}, "read must be one of"),
+    ([_spec(), _spec(clamp=Clamp(POST, 999, 1.0))], {}, "out of range"),
+])
+def test_group_errors(gpt, runs, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        run_generations(gpt, runs, **kwargs)
     assert not _leaked(gpt)
