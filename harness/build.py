@@ -52,26 +52,24 @@ def build_ladder(names: list[str], cache_dir: Path, jobs: int) -> int:
         print(f"error: not ladder subjects: {unknown}; known: {sorted(LADDER)}" if unknown
               else "error: --jobs must be >= 1", file=sys.stderr)
         return 2
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(name: str) -> tuple[str, int, str, float]:
+        began = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "harness.build", "model", f"--subject={name}",
+                               f"--cache-dir={cache_dir}"], stdout=subprocess.PIPE, text=True)
+        return name, proc.returncode, proc.stdout, time.perf_counter() - began
+
     start = time.perf_counter()
-    todo = sorted(names, key=lambda n: -LADDER[n].n_layers)
-    running: list[tuple[str, subprocess.Popen, float]] = []
     report: dict = {"cache_dir": str(cache_dir), "jobs": jobs, "subjects": {}}
-    failed = False
-    while todo or running:
-        while todo and len(running) < jobs:
-            name = todo.pop(0)
-            cmd = [sys.executable, "-m", "harness.build", "model", f"--subject={name}",
-                   f"--cache-dir={cache_dir}"]
-            running.append((name, subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True),
-                            time.perf_counter()))
-        name, proc, began = running.pop(0)
-        out, _ = proc.communicate()
-        failed |= proc.returncode != 0
-        result = json.loads(out) if proc.returncode == 0 else {"error": proc.returncode}
-        report["subjects"][name] = {**result, "process_seconds": round(time.perf_counter() - began, 1)}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # each job is a child process
+        results = list(pool.map(run, sorted(names, key=lambda n: -LADDER[n].n_layers)))
+    for name, code, out, seconds in results:
+        result = json.loads(out) if code == 0 else {"error": f"exit status {code}"}
+        report["subjects"][name] = {**result, "process_seconds": round(seconds, 1)}
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(report, indent=1))
-    return 1 if failed else 0
+    return 1 if any(code != 0 for _, code, _, _ in results) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
