@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from harness.activations.cache import ContentCache, cache_key, progress
-from harness.data.corpus import Corpus, build_corpus, tokenizer_hash
+from harness.data.corpus import Corpus, tokenizer_hash
 from harness.models.bpe import cached_tokenizer
 from harness.models.ladder import LADDER, LADDER_PREFIX, LadderSpec
 from harness.models.ngram import BaselineLosses, baseline_losses
@@ -94,9 +94,11 @@ class LadderBuild:
 
 
 def ladder_data(cache: ContentCache, spec: LadderSpec) -> LadderData:
-    """The tokenizer (trained once per cache), the corpus and the count baselines."""
+    """The tokenizer and the corpus (each built once per cache) and the count baselines."""
+    from harness.activations.harvest import cached_corpus
+
     tokenizer = cached_tokenizer(cache, spec.tokenizer)
-    corpus = build_corpus(tokenizer, spec.corpus_recipe())
+    corpus = cached_corpus(cache, tokenizer, spec.corpus_recipe())
     train = corpus.tokens[: spec.train_contexts]
     heldout = corpus.tokens[spec.train_contexts :]
     return LadderData(tokenizer, corpus, baseline_losses(train, heldout, spec.tokenizer.vocab_size))
