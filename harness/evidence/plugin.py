@@ -70,7 +70,9 @@ _PROCESS_HF: dict = {}
 class SubjectStore:
     """Loaded subjects of this process, by spec; a failure is remembered, not retried."""
 
-    def __init__(self) -> None:
+    def __init__(self, cache_dir: Path | None = None) -> None:
+        self.cache_dir = cache_dir
+        """The content cache trained subjects (the size ladder) come from (``--cache-dir``)."""
         self._loaded: dict[SubjectSpec, object] = _PROCESS_LOADED
         self._errors: dict[SubjectSpec, Exception] = {}
         self._hf: dict[tuple[str, str], tuple] = _PROCESS_HF
@@ -93,7 +95,8 @@ class SubjectStore:
             from harness.models.loaders import load_subject  # heavy: torch, transformers
 
             try:
-                self._loaded[spec] = load_subject(spec, hf_loader=self.hf_model)
+                self._loaded[spec] = load_subject(spec, hf_loader=self.hf_model,
+                                                  cache_dir=self.cache_dir)
             except (SubjectError, SubjectUnavailable) as exc:
                 self._errors[spec] = exc
                 raise
@@ -205,12 +208,14 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(exc)) from None
     from harness.activations.cache import default_cache_dir
 
+    cache_dir = _resolve(config, opt.cache_dir) if opt.cache_dir else default_cache_dir()
     state = RunState(
         registry=registry,
         spec=spec,
         seed=opt.seed,
         evidence_dir=_resolve(config, opt.evidence_dir),
-        cache_dir=_resolve(config, opt.cache_dir) if opt.cache_dir else default_cache_dir(),
+        cache_dir=cache_dir,
+        store=SubjectStore(cache_dir),
         corpus_recipe=recipe,
         texts=texts,
         user_texts=bool(opt.texts),

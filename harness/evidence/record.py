@@ -452,6 +452,23 @@ def sae_rows(records: list[dict]) -> list[list[str]]:
     return list(seen.values())
 
 
+MODEL_CARD_FIELDS = (
+    "subject", "trained", "n_params", "n_params_non_embedding", "tokens_seen",
+    "unique_train_tokens", "epochs", "steps", "heldout_tokens", "heldout_loss", "unigram_loss",
+    "bigram_loss", "bigram_margin", "baseline_method", "train_seconds", "tokenizer_sha256",
+    "cache_key",
+)
+
+
+def model_card_rows(card: dict) -> list[list[str]]:
+    """The model card of a subject the suite trained (or its twin): the architecture in one
+    row, then the fields above that it has (losses in nats per held-out prediction)."""
+    arch = card.get("architecture") or {}
+    rows = [["architecture", ", ".join(f"{k} {v}" for k, v in arch.items())]] if arch else []
+    return rows + [[k, _fmt(card[k]) if isinstance(card[k], float) else str(card[k])]
+                   for k in MODEL_CARD_FIELDS if k in card]
+
+
 TIMING_HEADER = ["stage", "seconds", "share"]
 
 
@@ -485,6 +502,9 @@ def render_markdown(doc: dict) -> str:
         markdown_table(SUMMARY_HEADER, summary_rows(doc["claims"], doc.get("run"))),
         "",
     ]
+    card = subj.get("model_card")
+    if card:
+        out += ["## Model card", "", markdown_table(["field", "value"], model_card_rows(card)), ""]
     saes = sae_rows(doc["claims"])
     if saes:
         out += ["## SAEs the claims ran on", "", markdown_table(SAE_HEADER, saes), ""]

