@@ -43,12 +43,13 @@ def usage(subject, mlp_sae, corpus, content_cache):
 
 
 @pytest.mark.claim(id="R2")
-def test_mlp_sae_reconstruction(subject, mlp_sae, corpus, claim, evidence, rng):
-    from harness.saes.sources import quality_from_rows, sae_quality_rows
+def test_mlp_sae_reconstruction(subject, mlp_sae, corpus, content_cache, claim, evidence, rng):
+    from harness.saes.sources import cached_quality_rows, quality_from_rows
     from harness.saes.train import heldout_tokens_of
 
     tokens = heldout_tokens_of(corpus, mlp_sae.spec)
-    rows = sae_quality_rows([mlp_sae.sae], subject, tokens)[0]
+    # the per-context rows the SAE build measured (cached), else measured here
+    rows = cached_quality_rows(content_cache, subject, mlp_sae.sae, tokens)
     point = quality_from_rows(rows)
     n = len(rows["n"])
     boots = [quality_from_rows(rows, idx) for idx in bootstrap_indices(n, rng, 1000)]

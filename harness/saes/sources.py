@@ -342,6 +342,66 @@ def sae_quality_rows(
     return out
 
 
+QUALITY_ROWS = "sae-quality-rows"
+QUALITY_ROWS_VERSION = "1"
+_ROW_ARRAYS = ("sse", "q", "s", "cos", "l0", "n", "ce_spliced", "ce_clean", "ce_ablated", "ce_n")
+
+
+def _quality_rows_parts(loaded: Any, sae: Any, tokens: torch.Tensor, skip_bos: bool) -> dict[str, Any]:
+    import hashlib
+
+    from harness.saes.features import _sae_config
+
+    model = loaded.model
+    ids = tokens.detach().cpu().numpy().astype(np.int64)
+    return {"weights": loaded.weight_hash, "dtype": str(model.cfg.dtype),
+            "device": torch.device(model.cfg.device).type, "sae_weights": weights_hash(sae),
+            "sae_config": _sae_config(sae), "tokens": hashlib.sha256(ids.tobytes()).hexdigest(),
+            "shape": list(ids.shape), "skip_bos": skip_bos}
+
+
+def _rows_entry(rows: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    return ({k: torch.from_numpy(np.ascontiguousarray(rows[k])) for k in _ROW_ARRAYS},
+            {"dead_share": float(rows["dead_share"]), "skip_bos": bool(rows["skip_bos"])})
+
+
+def store_quality_rows(cache: Any, loaded: Any, sae: Any, tokens: torch.Tensor,
+                       rows: dict[str, Any]) -> None:
+    """Put ``rows`` (one SAE's :func:`sae_quality_rows` on ``tokens``) where
+    :func:`cached_quality_rows` reads them: the SAE build measures every SAE's quality on the
+    held-out contexts anyway, and family R's R2 bootstraps over exactly those rows."""
+    parts = _quality_rows_parts(loaded, sae, tokens, bool(rows["skip_bos"]))
+    tensors, meta = _rows_entry(rows)
+    cache.put(QUALITY_ROWS, _rows_key(parts), tensors, meta, version=QUALITY_ROWS_VERSION, parts=parts)
+
+
+def _rows_key(parts: dict[str, Any]) -> str:
+    from harness.activations.cache import cache_key
+
+    return cache_key(QUALITY_ROWS, QUALITY_ROWS_VERSION, **parts)
+
+
+def cached_quality_rows(cache: Any, loaded: Any, sae: Any, tokens: torch.Tensor, *,
+                        skip_bos: bool = True) -> dict[str, Any]:
+    """:func:`sae_quality_rows` of one SAE through the content cache (``cache=None``: computed).
+
+    Key: the subject's weight identity, dtype and device type, the SAE's weights hash and
+    config, the exact token ids and ``skip_bos``. The SAE build writes these rows from its joint
+    quality pass over all the subject's SAEs; a miss computes them for this SAE alone, which is
+    the same function up to float rounding in the last bits (tests/harness/saes/test_saes.py
+    compares the joint and single computations)."""
+    if cache is None:
+        return sae_quality_rows([sae], loaded, tokens, skip_bos=skip_bos)[0]
+
+    def compute() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return _rows_entry(sae_quality_rows([sae], loaded, tokens, skip_bos=skip_bos)[0])
+
+    entry = cache.get_or_compute(QUALITY_ROWS, QUALITY_ROWS_VERSION,
+                                 _quality_rows_parts(loaded, sae, tokens, skip_bos), compute)
+    return {**{k: entry.tensors[k].numpy() for k in _ROW_ARRAYS},
+            "dead_share": entry.meta["dead_share"], "skip_bos": entry.meta["skip_bos"]}
+
+
 def _can_start_midway(model: Any) -> bool:
     """Whether a forward from ``start_at_layer`` computes what the full forward computes from
     there: TL builds an attention mask only under left padding (or a KV cache) and feeds a

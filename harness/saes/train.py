@@ -28,7 +28,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from harness.activations.cache import ContentCache, cache_key
-from harness.saes.sources import LoadedSAE, SAESpec, sae_from_state, sae_quality, sae_quality_many
+from harness.saes.sources import (
+    LoadedSAE,
+    SAESpec,
+    quality_from_rows,
+    sae_from_state,
+    sae_quality,
+    sae_quality_rows,
+    store_quality_rows,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from harness.data.corpus import Corpus
@@ -214,13 +222,18 @@ def _parts(loaded: LoadedSubject, corpus: Corpus, spec: SAESpec) -> dict[str, An
     return {"weights": loaded.weight_hash, "corpus": corpus.sha256, "spec": spec}
 
 
-def _entries(trained: Sequence[Any], loaded: LoadedSubject, corpus: Corpus,
+def _entries(cache: ContentCache, trained: Sequence[Any], loaded: LoadedSubject, corpus: Corpus,
              specs: Sequence[SAESpec], seconds: Sequence[float],
              made_on: dict[str, Any]) -> list[tuple[dict, dict]]:
-    """(tensors, meta) cache entries for SAEs trained from one pass; quality measured jointly."""
+    """(tensors, meta) cache entries for SAEs trained from one pass; quality measured jointly,
+    its per-context rows stored for family R (:func:`harness.saes.sources.cached_quality_rows`)."""
     device = str(loaded.model.cfg.device)
     built = [_inference(t, device) for t in trained]
-    qualities = sae_quality_many([b[0] for b in built], loaded, heldout_tokens_of(corpus, specs[0]))
+    heldout = heldout_tokens_of(corpus, specs[0])
+    rows = sae_quality_rows([b[0] for b in built], loaded, heldout)
+    qualities = [quality_from_rows(r) | {"dead_share": r["dead_share"]} for r in rows]
+    for (sae, _, _), r in zip(built, rows, strict=True):
+        store_quality_rows(cache, loaded, sae, heldout, r)
     hooks = [s.hook_name for s in specs]
     return [(state, {"sae_cfg": cfg_dict, "quality": q, "train_seconds": round(sec, 1),
                      "trained_with": hooks, "platform": made_on})
@@ -295,7 +308,7 @@ def get_or_train_saes(
                                                         sae_metadata(s, loaded, corpus))
                     trained.append((t, seconds))
             with stage("SAE quality"):
-                entries = _entries([t for t, _ in trained], loaded, corpus, missing,
+                entries = _entries(cache, [t for t, _ in trained], loaded, corpus, missing,
                                    [sec for _, sec in trained], platform())
                 _store_r_usage(cache, loaded, corpus, missing, entries, acts)
             del acts
@@ -322,7 +335,7 @@ def _read(cache: ContentCache, loaded: LoadedSubject, corpus: Corpus, spec: SAES
         trained, sec = train_from_activations(_spec_acts(acts, spec), spec,
                                               str(loaded.model.cfg.device),
                                               sae_metadata(spec, loaded, corpus))
-        return _entries([trained], loaded, corpus, [spec], [sec], platform())[0]
+        return _entries(cache, [trained], loaded, corpus, [spec], [sec], platform())[0]
 
     entry = cache.get_or_compute(PRODUCER, VERSION, _parts(loaded, corpus, spec), gone)
     sae = sae_from_state(entry.meta["sae_cfg"], entry.tensors, str(loaded.model.cfg.device))

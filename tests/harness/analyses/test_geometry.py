@@ -377,3 +377,22 @@ def test_larger_problem_every_path(order: str, chunk: int) -> None:
     for cosine in (True, False):
         got = score_topk(W_E, W, 5, cosine=cosine, chunk=chunk)
         _assert_same(got, score_topk_reference(W_E, W, 5, cosine=cosine))
+
+
+def test_cached_method2_equals_fresh_and_is_not_recomputed(tmp_path, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from harness.activations.cache import ContentCache
+    from harness.analyses import geometry
+
+    model = _tiny(True, "RMS")
+    loaded = SimpleNamespace(model=model, weight_hash="tiny-gated-rms")
+    definition = next(d for d in definitions_for(model) if d.name == "viewer")
+    cache = ContentCache(tmp_path)
+    first = geometry.cached_method2_topk(cache, loaded, 1, definition, k=5)
+    _assert_same(first, method2_topk(model, 1, definition, k=5))
+    monkeypatch.setattr(geometry, "method2_topk", lambda *a, **k: pytest.fail("recomputed"))
+    _assert_same(geometry.cached_method2_topk(cache, loaded, 1, definition, k=5), first)
+    other = SimpleNamespace(model=model, weight_hash="another identity")
+    with pytest.raises(pytest.fail.Exception, match="recomputed"):  # the key names the weights
+        geometry.cached_method2_topk(cache, other, 1, definition, k=5)

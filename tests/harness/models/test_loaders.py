@@ -242,6 +242,21 @@ def test_smollm2_logits_match_hf(run_state):
     assert model.cfg.gated_mlp and model.cfg.normalization_type == "RMS"
 
 
+@pytest.mark.slow
+def test_gguf_subject_loads_from_its_cached_hf_copy(run_state, monkeypatch):
+    """The session loaded the default subject through the content cache (a cold run wrote the
+    entry, checked against the GGUF's own conversion): a second load reads it without parsing
+    the GGUF, and a copy that no longer loads as the GGUF's conversion is an error."""
+    spec = parse_subject("smollm2-135m")
+    run_state.store.hf_model(spec)  # the session's load: writes the entry on a cold cache
+    monkeypatch.setattr(loaders, "_load_hf_direct", lambda s: pytest.fail("parsed the GGUF again"))
+    hf, tok = loaders.load_hf(spec, run_state.cache_dir)
+    assert hf.config.num_hidden_layers == 30 and tok("Hello")["input_ids"]
+    monkeypatch.setattr(loaders, "_probe_ids", lambda tokenizer: [[0]])
+    with pytest.raises(loaders.SubjectError, match="does not load as the GGUF's own conversion"):
+        loaders.load_hf(spec, run_state.cache_dir)
+
+
 @pytest.mark.parametrize(
     ("exc", "unavailable"),
     [

@@ -243,6 +243,22 @@ def test_cached_equals_fresh_and_is_not_retrained(subject, corpus, tmp_path, mon
     assert prov["trained_with"] == [s.hook_name for s in specs]
     assert prov["weights_sha256"] == weights_hash(fresh)
     assert prov["made_on"]["torch"]  # the platform the bits were made on
+    # The build kept each SAE's per-context quality rows (family R bootstraps them): reading
+    # them runs no quality pass, and they equal the same SAE's rows measured alone.
+    from harness.saes import sources
+
+    heldout = sae_train.heldout_tokens_of(corpus, specs[1])
+    monkeypatch.setattr(sources, "sae_quality_rows", lambda *a, **k: pytest.fail("recomputed"))
+    rows = [sources.cached_quality_rows(cache, subject, s.sae, heldout) for s in first]
+    monkeypatch.undo()
+    for loaded, got in zip(first, rows, strict=True):
+        alone = sources.sae_quality_rows([loaded.sae], subject, heldout)[0]
+        assert got.keys() == alone.keys()
+        for key in got:
+            np.testing.assert_allclose(got[key], alone[key], rtol=1e-6, atol=1e-9, err_msg=key)
+        assert sources.quality_from_rows(got) == pytest.approx(
+            {k: v for k, v in loaded.quality.items() if k != "dead_share"})
+    assert sources.cached_quality_rows(None, subject, first[0].sae, heldout).keys() == rows[0].keys()
 
 
 def test_activation_batches_are_seeded_epochs():
