@@ -133,6 +133,17 @@ def n_run(subject, corpus, content_cache, pytestconfig) -> NRun:
 
 
 def _record_choice(evidence, run: NRun) -> None:
+    roles = list(run.choices.values())
+    evidence.data("neuron_choice", {
+        "role": [c.role for c in roles], "hook": [c.hook for c in roles],
+        "layer": [c.layer for c in roles], "neuron": [c.neuron for c in roles],
+        "partner": [c.partner for c in roles], "published": [c.published for c in roles],
+        "variance": [float(c.variance[c.neuron]) for c in roles],
+        "variance_rank": [c.variance_rank for c in roles],
+        "partner_r": [float(c.r[c.partner]) for c in roles]},
+        "per role: the studied site, neuron and partner (published = the source's ids, on gpt2-small's "
+        "last role; else the procedure of harness.analyses.neuron_choice on the unclamped choice sample), "
+        "the neuron's variance and rank by variance in its layer, and the partner's Pearson r with it")
     for role, c in run.choices.items():
         evidence.note(c.describe())
         ups = c.runner_ups(5)
