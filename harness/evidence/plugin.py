@@ -193,6 +193,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "claim(id): a claim test; id must exist in the claim registry"
     )
     config.addinivalue_line("markers", "slow: loads a real model or trains something")
+    config.addinivalue_line(
+        "markers", "e2e: a whole claim family run end to end on a stand-in of another subject "
+        "(nox -s e2e; the test command deselects them)")
     opt = config.option
     from harness.data.texts import TextsError, load_texts
 

@@ -51,6 +51,7 @@ def _n_claims() -> set[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_family_n_runs_on_a_gpt2_small_standin_at_the_published_site(
         pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     hf_home = pytester.path / "hf"
