@@ -22,10 +22,10 @@ R1_CONFIG = synthetic.SyntheticConfig()
 
 
 @pytest.mark.claim(id="R1")
-def test_sae_recovers_synthetic_features(evidence, rng):
+def test_sae_recovers_synthetic_features(evidence, rng, content_cache):
     cfg = R1_CONFIG
     seed = int(rng.integers(2**32))
-    run = synthetic.run(cfg, seed)
+    run = synthetic.run(cfg, seed, content_cache)  # the two trained SAEs are content-cached
     true, dec, null = run.true_features, run.decoder, run.null_decoder
 
     trained = synthetic.max_cosine_per_feature(true, dec)  # (num_features,)

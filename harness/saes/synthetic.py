@@ -281,15 +281,46 @@ class SyntheticRun:
         return self.sae.W_dec.detach()  # (d_sae, d)
 
 
-def run(cfg: SyntheticConfig, seed: int) -> SyntheticRun:
+SYNTHETIC_SAE = "synthetic-sae"
+SYNTHETIC_SAE_VERSION = "1"
+
+
+def _trained(cache, cfg: SyntheticConfig, data: torch.nn.Module, generator: ActivationGenerator,
+             seed: int, parts: dict) -> tuple[TopKTrainingSAE, float]:
+    """(:func:`train_sae`, its training seconds), through the content cache when ``cache`` is
+    given (``parts`` name the data: the run's seed and which dictionary). The training is the
+    bulk of R1's cost (~8 s per SAE on one thread) and a pure function of the key."""
+    if cache is None:
+        start = time.perf_counter()
+        sae = train_sae(cfg, data, generator, seed)
+        return sae, time.perf_counter() - start
+    from dataclasses import asdict
+    from importlib.metadata import version
+
+    key = {**parts, "cfg": asdict(cfg), "training_seed": seed, "sae_lens": version("sae-lens"),
+           "torch": torch.__version__}
+
+    def compute() -> tuple[dict[str, Tensor], dict]:
+        sae = train_sae(cfg, data, generator, seed)
+        return {k: v.detach().clone() for k, v in sae.state_dict().items()}, {}
+
+    entry = cache.get_or_compute(SYNTHETIC_SAE, SYNTHETIC_SAE_VERSION, key, compute)
+    with seeded_torch(seed):  # construction draws from torch's generator: leave it untouched
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=cfg.hidden_dim, d_sae=cfg.d_sae, k=cfg.k))
+    sae.load_state_dict(entry.tensors)
+    sae.eval()
+    return sae, float(entry.meta.get("compute_seconds", float("nan")))
+
+
+def run(cfg: SyntheticConfig, seed: int, cache=None) -> SyntheticRun:
     """Make data, train the SAE, draw the random null and train the shuffled-data SAE, each
-    from its own seed spawned from ``seed``."""
+    from its own seed spawned from ``seed``. ``cache``: a ContentCache the two trained SAEs are
+    read from (or written to); None trains them here."""
     seeds = SyntheticSeeds.from_int(seed)
     feature_dict, generator = make_data(cfg, seeds.dictionary)
-    start = time.perf_counter()
-    sae = train_sae(cfg, feature_dict, generator, seeds.training)
-    seconds = time.perf_counter() - start
+    sae, seconds = _trained(cache, cfg, feature_dict, generator, seeds.training,
+                            {"seed": seed, "data": "features"})
     null = random_dictionary(cfg.d_sae, cfg.hidden_dim, seeds.null)
-    shuffled = train_sae(cfg, ShuffledDimensions(feature_dict, shuffled_seed(seed)), generator,
-                         seeds.training)
+    shuffled, _ = _trained(cache, cfg, ShuffledDimensions(feature_dict, shuffled_seed(seed)), generator,
+                           seeds.training, {"seed": seed, "data": "shuffled-dimensions"})
     return SyntheticRun(cfg, seeds, feature_dict, generator, sae, null, seconds, shuffled)

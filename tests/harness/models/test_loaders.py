@@ -284,3 +284,27 @@ def test_only_a_missing_network_file_or_package_is_unavailable(exc, unavailable)
     else:
         with pytest.raises(type(exc)):
             loaders._hub_call(spec, boom)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["ln-gelu", "rms-gated"])
+@pytest.mark.parametrize("processing", ["default", "raw"])
+def test_loading_at_once_equals_transformer_lens_key_by_key(gated, processing):
+    """harness.models.loaders.load_and_process_at_once leaves the same bits in every parameter
+    and buffer as TransformerLens' own load_and_process_state_dict (one key at a time)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from harness.models.subjects import DEFAULT_PROCESSING
+
+    cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_ctx=8, d_head=4, n_heads=4, d_mlp=24,
+                                  d_vocab=40, act_fn="silu" if gated else "gelu", gated_mlp=gated,
+                                  normalization_type="RMS" if gated else "LN", seed=3)
+    source = HookedTransformer(cfg)
+    kwargs = (DEFAULT_PROCESSING if processing == "default" else RAW).as_kwargs()
+    ours, theirs = HookedTransformer(cfg.to_dict() | {"seed": 4}), HookedTransformer(cfg.to_dict() | {"seed": 5})
+    loaders.load_and_process_at_once(ours, {k: v.clone() for k, v in source.state_dict().items()}, **kwargs)
+    theirs.load_and_process_state_dict({k: v.clone() for k, v in source.state_dict().items()}, **kwargs)
+    assert "load_state_dict" not in vars(ours)  # the shadowing attribute is gone
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys() and ours.cfg.normalization_type == theirs.cfg.normalization_type
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

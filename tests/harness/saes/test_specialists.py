@@ -237,3 +237,44 @@ def test_feature_token_codes_of_an_identity_sae():
     assert set(z) == {0, 4}
     np.testing.assert_array_equal(z[0], [[0.0, 3.0]])  # position 0 zeroed (not kept)
     np.testing.assert_array_equal(z[4], [[0.0, 0.0]])  # relu(-x_1) at position 1: relu(-4) = 0
+
+
+def _direct_search(codes, labels, threshold, n_candidates):
+    """The search written directly (float64 copy, full stable argsort, every column compared):
+    the definition find_specialists' faster path must reproduce."""
+    codes = np.asarray(codes, dtype=float)
+    labels_arr = np.asarray(labels)
+    strong = codes > threshold
+    out = []
+    for cat in sorted(set(labels)):
+        inside = labels_arr == cat
+        candidates = np.argsort(-codes[inside].max(axis=0), kind="stable")[:n_candidates]
+        ins = strong[inside][:, candidates].sum(axis=0)
+        outs = strong[~inside][:, candidates].sum(axis=0)
+        j = int(np.argmax(ins - outs))
+        out.append((cat, int(candidates[j]), int(ins[j] - outs[j]), int(ins[j]), int(outs[j]),
+                    tuple(int(c) for c in candidates)))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 12), st.integers(1, 40), st.integers(0, 45),
+       st.sampled_from([np.float32, np.float64]), st.booleans())
+def test_find_specialists_equals_the_direct_search(seed, n_texts, d_sae, n_candidates, dtype, ties):
+    """Ties (small integer codes), float32 codes against a threshold float32 cannot hold, any
+    number of candidates (0 and more than d_sae included)."""
+    from harness.saes.specialists import find_specialists, top_first
+
+    rng = np.random.default_rng(seed)
+    codes = (rng.integers(0, 4, (n_texts, d_sae)) if ties else rng.normal(size=(n_texts, d_sae))).astype(dtype)
+    labels = [str(c) for c in rng.integers(0, 3, n_texts)]
+    threshold = float(rng.choice([0.1, 1.0000000001, 1.5, 2.0, -0.3]))
+    if n_candidates == 0:
+        assert top_first(codes[0], 0).size == 0
+        return
+    got = find_specialists(codes, labels, threshold, n_candidates)
+    want = _direct_search(codes, labels, threshold, n_candidates)
+    assert [(r.category, r.best_feature, r.best_score, r.inside_strong, r.outside_strong, r.candidates)
+            for r in got.per_category] == want
+    np.testing.assert_array_equal(top_first(codes[0], n_candidates),
+                                  np.argsort(-codes[0], kind="stable")[:n_candidates])

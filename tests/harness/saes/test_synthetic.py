@@ -145,6 +145,26 @@ def test_a_seed_determines_the_run_and_restores_torch_state() -> None:
     np.testing.assert_array_equal(ha.sq_err, hb.sq_err)
 
 
+def test_cached_run_equals_a_fresh_one_and_trains_once(tmp_path, monkeypatch) -> None:
+    from harness.activations.cache import ContentCache
+
+    cache = ContentCache(tmp_path)
+    before = torch.random.get_rng_state()
+    fresh, first = synthetic.run(TINY, 3), synthetic.run(TINY, 3, cache)
+    monkeypatch.setattr(synthetic, "train_sae", lambda *a, **k: pytest.fail("trained again"))
+    again = synthetic.run(TINY, 3, cache)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    for run in (first, again):
+        assert torch.equal(run.decoder, fresh.decoder)
+        assert torch.equal(run.shuffled_decoder, fresh.shuffled_decoder)
+        assert not torch.equal(run.decoder, run.shuffled_decoder)
+        h, hf = (synthetic.heldout(r.sae, r.feature_dict, r.generator, 64, r.seeds.heldout)
+                 for r in (run, fresh))
+        np.testing.assert_array_equal(h.sq_err, hf.sq_err)
+    with pytest.raises(pytest.fail.Exception, match="trained again"):  # the key names the seed
+        synthetic.run(TINY, 4, cache)
+
+
 def test_true_features_are_unit_norm_and_heldout_matches_sae_lens_eval() -> None:
     r = synthetic.run(TINY, 0)
     np.testing.assert_allclose(r.true_features.norm(dim=1).numpy(), 1.0, atol=1e-5)
