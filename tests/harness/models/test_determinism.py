@@ -61,10 +61,10 @@ def test_pinned_training_is_bit_identical_across_simulated_machines() -> None:
         pytest.skip(reason)
     runs = [(m, ()) for m in MACHINES] + [
         (("default", "2"), ("--torch-first",)),  # the pin comes after the first op: too late
-        (("avx2", "2"), ("--torch-first",)),
         (("avx2", "1"), ("--no-pin",)),
     ]
-    with ThreadPoolExecutor(max_workers=2) as pool:  # 7 children (~7 s of imports each), 2 cores
+    # 6 children (~5.6 s each, 3.4 s of it importing sae_lens), 2 at a time on 2 cores
+    with ThreadPoolExecutor(max_workers=2) as pool:
         results = list(pool.map(lambda r: _child(*r[0], *r[1]), runs))
     by_run = {(m, flags[0] if flags else "pin"): res
               for (m, flags), res in zip(runs, results, strict=True)}
@@ -81,19 +81,16 @@ def test_pinned_training_is_bit_identical_across_simulated_machines() -> None:
     assert len(set(hashes.values())) == 1, hashes
     sae_hash, probe = next(iter(hashes.values()))
 
-    # Controls: the test can fail. An op before pin() fixes the ISA level for good...
+    # Controls: the test can fail. An op before pin() fixes the ISA level for good, and the
+    # default level gives other bits than the pinned (AVX2) ones...
     late_default = by_run[("default", "2"), "--torch-first"]
-    late_avx2 = by_run[("avx2", "2"), "--torch-first"]
     assert late_default["platform"]["cpu_capability"] == "DEFAULT"
     assert any("an op ran before pin()" in n for n in late_default["platform"]["pin_notes"])
-    assert late_default["hash"] != late_avx2["hash"]
-    assert late_avx2["hash"] == sae_hash  # native AVX2 = the pinned bits (MKL CNR aside)
+    assert late_default["hash"] != sae_hash
     # ...and without the pin the thread count is the machine's, which changes the reductions.
     one_thread = by_run[("avx2", "1"), "--no-pin"]
     assert one_thread["platform"]["num_threads"] == 1
-    assert late_avx2["platform"]["num_threads"] == PINNED_THREADS
-    assert one_thread["probe"] != late_avx2["probe"]
-    assert late_avx2["probe"] == probe
+    assert one_thread["probe"] != probe
 
 
 def test_decode_cbwr() -> None:
