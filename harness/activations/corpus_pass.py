@@ -61,7 +61,8 @@ def run_pass(
     """Run the model once over ``corpus_tokens`` (n_ctx, L): every batch updates ``harvester``
     (an object with ``hooks`` and ``update(start, acts)``, see :class:`harness.activations.harvest.Harvester`)
     and fills the requested SAE activations. Returns {hook: (n_tokens, d)} float32 on the CPU
-    (empty when nothing was requested). Only as many contexts as someone needs are run."""
+    (empty when nothing was requested). Only as many contexts as someone needs are run: the
+    harvester's ``n_contexts`` (all of ``corpus_tokens`` when it has none) and the request's."""
     if harvester is None and request is None:
         raise ValueError("run_pass needs a harvester or an activation request")
     h_hooks = tuple(harvester.hooks) if harvester is not None else ()
@@ -70,7 +71,10 @@ def run_pass(
     n_ctx = corpus_tokens.shape[0]
     if request is not None and request.n_contexts > n_ctx:
         raise ValueError(f"asked for {request.n_contexts} contexts of a {n_ctx}-context corpus")
-    end = n_ctx if harvester is not None else request.n_contexts
+    h_end = 0
+    if harvester is not None:  # a harvest of the corpus's first n contexts (None: all)
+        h_end = min(getattr(harvester, "n_contexts", None) or n_ctx, n_ctx)
+    end = max(h_end, request.n_contexts if request is not None else 0)
     stored: dict[str, torch.Tensor] = {}
     first = 0
     if request is not None:
@@ -83,13 +87,13 @@ def run_pass(
     for start in progress(starts, desc=f"corpus pass: {desc}", total=len(starts)):
         stop = min(start + batch_size, end)
         want_sae = request is not None and start < request.n_contexts
-        hooks = list(dict.fromkeys(h_hooks + (s_hooks if want_sae else ())))
-        if request is not None and not want_sae and harvester is None:
-            break
+        want_h = start < h_end
+        hooks = list(dict.fromkeys((h_hooks if want_h else ()) + (s_hooks if want_sae else ())))
         tokens = corpus_tokens[start:stop]
         acts = capture(model, tokens.to(model.cfg.device), hooks)
-        if harvester is not None:
-            harvester.update(start, {h: acts[h] for h in h_hooks})
+        if want_h:
+            n_h = min(stop, h_end) - start
+            harvester.update(start, {h: acts[h][:n_h] for h in h_hooks})
         if want_sae:
             n_keep = min(stop, request.n_contexts) - start
             per = request.tokens_per_context

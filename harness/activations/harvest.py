@@ -68,12 +68,21 @@ class HarvestSpec:
     """Rank contexts by their max over positions (k distinct contexts per unit, each with its
     argmax position: the thesis's and the neuron viewer's definition) instead of ranking every
     (context, position) token."""
+    n_contexts: int | None = None
+    """Harvest the corpus's first ``n_contexts`` contexts (None: all of them; a corpus with
+    fewer is harvested whole). The corpus rows are shuffled, so a prefix is a sample of it."""
 
     def __post_init__(self) -> None:
         if not self.hooks:
             raise ValueError("no hooks to harvest")
         if self.k < 1 or self.batch_size < 1:
             raise ValueError("k and batch_size must be >= 1")
+        if self.n_contexts is not None and self.n_contexts < 1:
+            raise ValueError(f"n_contexts must be >= 1 or None, got {self.n_contexts}")
+
+    def contexts_of(self, available: int) -> int:
+        """How many of a corpus's ``available`` contexts this harvest reads."""
+        return available if self.n_contexts is None else min(self.n_contexts, available)
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,9 @@ class Harvester:
 
     def __init__(self, widths: dict[str, int], spec: HarvestSpec, context_len: int) -> None:
         self.spec, self.hooks, self.length = spec, tuple(spec.hooks), context_len
+        self.n_contexts: int | None = None
+        """How many leading corpus contexts :meth:`update` takes (set by :meth:`for_model`;
+        None: every batch it is given)."""
         make = ContextTopK if spec.per_context else StreamingTopK
         self.tops = {h: make(TopKSpec(spec.k, widths[h])) for h in self.hooks}
         self.stats = {h: ActivationStats(widths[h], threshold=spec.threshold,
@@ -111,7 +123,9 @@ class Harvester:
     @classmethod
     def for_model(cls, model: Any, corpus: Corpus, spec: HarvestSpec) -> Harvester:
         probe = capture(model, corpus.tokens[:1, :2].to(model.cfg.device), spec.hooks)
-        return cls({h: a.shape[-1] for h, a in probe.items()}, spec, corpus.tokens.shape[1])
+        out = cls({h: a.shape[-1] for h, a in probe.items()}, spec, corpus.tokens.shape[1])
+        out.n_contexts = spec.contexts_of(corpus.tokens.shape[0])
+        return out
 
     def update(self, start: int, acts: dict[str, torch.Tensor]) -> None:
         """``acts`` {hook: (b, L, n_units)} for contexts start .. start + b - 1."""
@@ -149,7 +163,8 @@ def _compute(model: Any, corpus: Corpus, spec: HarvestSpec) -> dict[str, HookHar
     from harness.activations.corpus_pass import run_pass
 
     harvester = Harvester.for_model(model, corpus, spec)
-    run_pass(model, corpus.tokens, harvester=harvester, batch_size=spec.batch_size)
+    run_pass(model, corpus.tokens[: harvester.n_contexts], harvester=harvester,
+             batch_size=spec.batch_size)
     return harvester.result()
 
 
@@ -222,7 +237,16 @@ def harvest(loaded: Any, corpus: Corpus, spec: HarvestSpec, cache: ContentCache 
     return _from_entry(entry, spec)
 
 
-def mlp_neurons_spec(n_layers: int, k: int = 20) -> HarvestSpec:
-    """Every layer's ``mlp.hook_post``, k distinct contexts per neuron (family W's Method 1)."""
+W_HARVEST_CONTEXTS = 1536
+"""Family W's harvest reads the corpus's first 1,536 contexts (196,608 tokens: the SAEs'
+training budget, ``SAESpec.training_tokens``), not all 2,048: the shared corpus pass then stops
+after the 1,549 contexts the SAEs need, which took ~106 s off a cold run on 2 cores (the pass
+runs near the forward's matmul bound; 2026-12-05). The rows are shuffled, so the prefix samples
+every source in the recipe's shares; W's verdicts were re-measured on this harvest."""
+
+
+def mlp_neurons_spec(n_layers: int, k: int = 20, n_contexts: int | None = W_HARVEST_CONTEXTS) -> HarvestSpec:
+    """Every layer's ``mlp.hook_post``, k distinct contexts per neuron (family W's Method 1),
+    over the corpus's first ``n_contexts`` contexts (:data:`W_HARVEST_CONTEXTS`)."""
     return HarvestSpec(hooks=tuple(f"blocks.{layer}.mlp.hook_post" for layer in range(n_layers)),
-                       k=k, batch_size=16, per_context=True, stats=False)
+                       k=k, batch_size=16, per_context=True, stats=False, n_contexts=n_contexts)

@@ -203,6 +203,51 @@ def test_pass_level_fields_must_agree_for_a_joint_pass():
         sae_train.check_compatible([specs[0], specs[0]])
 
 
+@pytest.mark.parametrize("harvest_contexts", [40, 150])  # fewer / more than the SAEs' 103
+def test_a_harvest_of_a_prefix_shares_the_pass(subject, corpus, harvest_contexts):
+    """A harvest of the corpus's first n contexts rides on the SAE pass whichever needs more:
+    its tables equal that prefix harvested alone, the SAE activations equal a pass without it,
+    and the pass runs max(n, the SAEs' contexts) contexts, no more."""
+    import dataclasses
+
+    from harness.activations import corpus_pass
+    from harness.activations.harvest import Harvester, HarvestSpec, harvest
+
+    w = HarvestSpec(hooks=("blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"), k=3,
+                    per_context=True, stats=False, n_contexts=harvest_contexts)
+    spec = tiny_spec("blocks.1.mlp.hook_post")
+    request = corpus_pass.union_request([spec], sae_train.training_contexts_of(corpus, spec))
+    assert request.n_contexts == 103  # ceil(1536 / 15)
+    prefix = dataclasses.replace(corpus, tokens=corpus.tokens[:harvest_contexts])
+    alone = harvest(subject, prefix, dataclasses.replace(w, n_contexts=None), None)
+    seen = []
+    real = subject.model.run_with_cache
+
+    def counting(tokens, *a, **k):
+        if tokens.shape[1] == CTX_LEN:  # not run_pass's 2-token width probe
+            seen.append(tokens.shape[0])
+        return real(tokens, *a, **k)
+
+    harvester = Harvester.for_model(subject.model, corpus, w)
+    subject.model.run_with_cache = counting
+    try:
+        joint = corpus_pass.run_pass(subject.model, corpus.tokens, harvester=harvester,
+                                     request=request)
+    finally:
+        del subject.model.run_with_cache
+    assert sum(seen) == max(harvest_contexts, 103)
+    only = corpus_pass.run_pass(subject.model, corpus.tokens[:103], request=request)
+    assert all(torch.equal(joint[h], only[h]) for h in only)
+    got = harvester.result()
+    for h in w.hooks:
+        assert torch.equal(got[h].topk.values, alone[h].topk.values)
+        assert torch.equal(got[h].topk.context, alone[h].topk.context)
+        assert int(got[h].topk.context.max()) < harvest_contexts
+    assert harvest(subject, corpus, w, None)[w.hooks[0]].topk.context.max() < harvest_contexts
+    with pytest.raises(ValueError, match="n_contexts"):
+        HarvestSpec(hooks=w.hooks, n_contexts=0)
+
+
 def test_cached_equals_fresh_and_is_not_retrained(subject, corpus, tmp_path, monkeypatch):
     """The cached build trains both SAEs from ONE corpus pass (forward to block 1) that also
     computes a harvest; the shallow SAE equals, bit for bit, a fresh one trained alone (forward
