@@ -9,6 +9,7 @@ profile, and :meth:`Chromium.close` ends that process group: only what this modu
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -105,26 +106,18 @@ class Chromium:
 
     def close(self) -> None:
         """Ask the browser to quit, then end its process group (its renderers included)."""
-        try:
+        with contextlib.suppress(OSError):
             self._write({"id": -1, "method": "Browser.close"})
-        except OSError:
-            pass
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and os.waitpid(self.pid, os.WNOHANG) == (0, 0):
             time.sleep(0.05)
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
+        with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            pass
         for fd in (self._to_browser, self._from_browser):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
     def _write(self, message: dict) -> None:
         os.write(self._to_browser, json.dumps(message).encode() + b"\0")
