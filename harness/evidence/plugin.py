@@ -24,10 +24,9 @@ from harness.models.determinism import pin
 
 pin()  # before any torch op: ATen's ISA level, MKL's CNR mode and the thread count (see module)
 
-from harness.statistics import seed_spread
-
-from harness.evidence import stages
 from harness.data.corpus import CorpusError, CorpusRecipe
+from harness.evidence import stages
+from harness.evidence.provenance import run_provenance
 from harness.evidence.record import (
     SUMMARY_HEADER,
     TIMING_HEADER,
@@ -40,9 +39,7 @@ from harness.evidence.record import (
     timing_total,
     training_contrast,
 )
-from harness.evidence.provenance import run_provenance
 from harness.evidence.registry import Expected, Registry, RegistryError
-from harness.statistics.stats import claim_rng
 from harness.models.subjects import (
     DEFAULT_SUBJECT,
     KNOWN_SUBJECTS,
@@ -53,6 +50,8 @@ from harness.models.subjects import (
     check_device_dtype,
     parse_subject,
 )
+from harness.statistics import seed_spread
+from harness.statistics.stats import claim_rng
 
 RECORD_KEY = "interp_claims_record"
 TIMING_KEY = "interp_claims_timing"

@@ -29,10 +29,21 @@ from pathlib import Path
 
 from harness.evidence import trends
 from harness.evidence.html import ReportError, page, render_subject_page
-from harness.evidence.matrix import build_matrix, published_rows, render_index_html, render_matrix_md
+from harness.evidence.matrix import (
+    build_matrix,
+    published_rows,
+    render_index_html,
+    render_matrix_md,
+)
 from harness.evidence.record import atomic_write_text
 from harness.evidence.registry import Registry, RegistryError
-from harness.evidence.runs import SUBJECT_HTML, TRENDS_DIR, SubjectReport, load_subjects, order_subjects
+from harness.evidence.runs import (
+    SUBJECT_HTML,
+    TRENDS_DIR,
+    SubjectReport,
+    load_subjects,
+    order_subjects,
+)
 
 __all__ = ["INDEX_HTML", "MATRIX_MD", "ReportError", "main", "write_report"]
 
