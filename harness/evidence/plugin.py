@@ -24,10 +24,9 @@ from harness.models.determinism import pin
 
 pin()  # before any torch op: ATen's ISA level, MKL's CNR mode and the thread count (see module)
 
-from harness.statistics import seed_spread
-
-from harness.evidence import stages
 from harness.data.corpus import CorpusError, CorpusRecipe
+from harness.evidence import stages
+from harness.evidence.provenance import run_provenance
 from harness.evidence.record import (
     SUMMARY_HEADER,
     TIMING_HEADER,
@@ -40,9 +39,7 @@ from harness.evidence.record import (
     timing_total,
     training_contrast,
 )
-from harness.evidence.provenance import run_provenance
 from harness.evidence.registry import Expected, Registry, RegistryError
-from harness.statistics.stats import claim_rng
 from harness.models.subjects import (
     DEFAULT_SUBJECT,
     KNOWN_SUBJECTS,
@@ -53,6 +50,8 @@ from harness.models.subjects import (
     check_device_dtype,
     parse_subject,
 )
+from harness.statistics import seed_spread
+from harness.statistics.stats import claim_rng
 
 RECORD_KEY = "interp_claims_record"
 TIMING_KEY = "interp_claims_timing"
@@ -231,7 +230,8 @@ def pytest_configure(config: pytest.Config) -> None:
         prov = run_provenance(config.rootpath, device=opt.device, dtype=opt.dtype, seed=opt.seed)
         writer = EvidenceWriter(state.run_dir, spec.id, prov)
         reporter = EvidenceReporter(writer, stages.StageTally(state.recorder),
-                                    install_seconds=stages.install_seconds_from_env())
+                                    install_seconds=stages.install_seconds_from_env(),
+                                    evidence_dir=state.evidence_dir, registry=registry)
         config.pluginmanager.register(reporter, "interp-claims-evidence")
 
 
@@ -623,12 +623,18 @@ class EvidenceReporter:
     the claims table and the wall-time breakdown."""
 
     def __init__(self, writer: EvidenceWriter, tally: stages.StageTally,
-                 install_seconds: float | None = None) -> None:
+                 install_seconds: float | None = None, evidence_dir: Path | None = None,
+                 registry: Registry | None = None) -> None:
         self.writer = writer
         self.tally = tally
         self.install_seconds = install_seconds
         self.started = time.perf_counter()
         self.timings: stages.Timings | None = None
+        self.evidence_dir = evidence_dir
+        """Where the cross-subject report goes (harness.evidence.report); None: not written."""
+        self.registry = registry
+        self.report_files: list[Path] = []
+        self.report_error: str | None = None
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         for key, value in report.user_properties:
@@ -644,6 +650,24 @@ class EvidenceReporter:
                                           self.install_seconds)
         if self.writer.records:
             self.writer.set_timings(self.timings.to_dict())
+            self._write_report(session)
+
+    def _write_report(self, session: pytest.Session) -> None:
+        """Refresh the cross-subject report (every run's evidence.html, matrix.md, index.html)
+        from the evidence just written. A failure fails the run with a message naming the file,
+        after the claims' own outcomes (which it leaves as they are)."""
+        if self.evidence_dir is None or self.registry is None:
+            return
+        from harness.evidence.report import ReportError, write_report
+
+        try:
+            self.report_files = write_report(self.evidence_dir, self.registry)
+        except ReportError as exc:
+            self.report_error = str(exc)
+        except Exception as exc:  # a bug in the report writer: the same, with its type
+            self.report_error = f"writing the report under {self.evidence_dir}: {type(exc).__name__}: {exc}"
+        if self.report_error is not None and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         tr = terminalreporter
@@ -657,6 +681,15 @@ class EvidenceReporter:
             if self.writer.set_aside is not None:
                 tr.write_line(f"an unreadable earlier report was set aside as {self.writer.set_aside}")
             tr.write_line(f"evidence: {self.writer.json_path}  {self.writer.md_path}")
+            if self.report_files:
+                tr.write_line(f"cross-subject report: {self.evidence_dir / 'index.html'}  "
+                              f"{self.evidence_dir / 'matrix.md'}")
+        if self.report_error is not None:
+            tr.section("evidence report FAILED", red=True, bold=True)
+            tr.write_line(f"the cross-subject report was not written: {self.report_error}",
+                          red=True)
+            tr.write_line("(the claims' verdicts above and their evidence.json/evidence.md stand; "
+                          "this run fails for the report alone)")
         if self.timings is not None:
             timings = self.timings.to_dict()
             tr.section("wall time by stage")

@@ -404,7 +404,7 @@ def headline(record: dict) -> tuple[str, str, str]:
     return "", "", ""
 
 
-def _earlier(record: dict, run: dict | None) -> bool:
+def earlier_run(record: dict, run: dict | None) -> bool:
     """Whether a record was measured by an earlier run than ``run`` (a kept record)."""
     return run is not None and record.get("run") is not None and record["run"] != run
 
@@ -416,7 +416,7 @@ def summary_rows(records: list[dict], run: dict | None = None) -> list[list[str]
         verdict = r.get("verdict") or "?"
         if r.get("expected"):
             verdict += " (expected)"
-        if _earlier(r, run):
+        if earlier_run(r, run):
             verdict += f" (earlier run, {str(r['run'].get('commit'))[:8]})"
         if (r.get("training_contrast") or {}).get("also_at_random_init"):
             verdict += " (also holds at random init)"
@@ -531,7 +531,7 @@ def render_markdown(doc: dict) -> str:
             run = r["run"]
             out += [f"Run: commit {run.get('commit')}{' (dirty)' if run.get('dirty') else ''}, "
                     f"started {run.get('started')}"
-                    f"{' (kept from an earlier run)' if _earlier(r, doc.get('run')) else ''}", ""]
+                    f"{' (kept from an earlier run)' if earlier_run(r, doc.get('run')) else ''}", ""]
         stats_rows = []
         for name, s in r.get("statistics", {}).items():
             e = s["estimate"]

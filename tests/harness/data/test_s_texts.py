@@ -38,7 +38,7 @@ def _run(pytester: pytest.Pytester, run_state, rows: list[dict]) -> dict:
     )
     # Exit 0 or 1 (a claim may be refuted on someone's texts: a result); never a usage error.
     assert result.ret in (0, 1), "\n".join(result.outlines[-60:] + result.errlines[-30:])
-    [run_dir] = evidence.iterdir()  # the user's texts: a report directory of their own
+    [run_dir] = [p for p in evidence.iterdir() if (p / "evidence.json").exists()]  # the user's texts: a report directory of their own
     assert run_dir.name.startswith("smollm2-135m@float32-seed0-texts")
     doc = json.loads((run_dir / "evidence.json").read_text())
     doc["run_dir"] = run_dir
