@@ -150,8 +150,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--subject",
         default=DEFAULT_SUBJECT,
-        help=f"subject name ({', '.join(sorted(KNOWN_SUBJECTS))}; NAME:random for the "
-        f"random-init twin) or a checkpoint directory. Default: {DEFAULT_SUBJECT}",
+        help=f"subject name ({', '.join(sorted(KNOWN_SUBJECTS))}; tl:NAME for any model "
+        f"TransformerLens's from_pretrained knows; NAME:random for the random-init twin) or a "
+        f"checkpoint directory. Default: {DEFAULT_SUBJECT}",
     )
     group.addoption("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     group.addoption(
