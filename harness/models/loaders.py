@@ -487,10 +487,13 @@ def _listing_falls_back_to_cache() -> Iterator[None]:
     original = loading.HfApi
 
     class CachedListing(original):  # type: ignore[misc, valid-type]
-        def list_repo_files(self, repo_id: str, *args: Any, **kwargs: Any) -> list[str]:
+        # (*args, **kwargs) like the hub client's own (decorated) method: TL passes it only
+        # the kwargs its signature names (select_compatible_kwargs), so it must name the same.
+        def list_repo_files(self, *args: Any, **kwargs: Any) -> list[str]:
             try:
-                return super().list_repo_files(repo_id, *args, **kwargs)
+                return super().list_repo_files(*args, **kwargs)
             except unavailable_errors():
+                repo_id = kwargs["repo_id"] if "repo_id" in kwargs else args[0]
                 snapshot = _cached_snapshot(repo_id, kwargs.get("revision"))
                 if snapshot is None:
                     raise

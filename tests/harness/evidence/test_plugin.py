@@ -629,8 +629,10 @@ def test_on_corpus(evidence, corpus):
 """
 
 # The plugin's corpus fixture tokenizes with the subject's tokenizer (a model load); this one
-# packs the same recipe (run_state.corpus_recipe: --corpus, sizes, seed) with a stand-in's.
+# packs the same recipe (run_state.corpus_recipe: --corpus, sizes, seed) with a stand-in's,
+# the default's from its smallest source only (tokenizing the stdlib takes ~15 s).
 STANDIN_CORPUS = CONFTEST + """
+import dataclasses
 import pytest
 
 @pytest.fixture(scope="session")
@@ -639,7 +641,10 @@ def corpus(run_state, tmp_path_factory):
     from tests.standins import train_tokenizer
 
     tokenizer = train_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=400)
-    return build_corpus(tokenizer, run_state.corpus_recipe)
+    recipe = run_state.corpus_recipe
+    if recipe.user is None:
+        recipe = dataclasses.replace(recipe, weights=(1.0, 0.0, 0.0))
+    return build_corpus(tokenizer, recipe)
 """
 
 
