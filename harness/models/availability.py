@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("subjects", nargs="+", metavar="NAME", help="--subject values")
     args = parser.parse_args(argv)
+    from harness.models.determinism import pin
+
+    pin()  # before anything imports torch, as every entry point (see harness.models.determinism)
     codes = []
     for name in args.subjects:
         code, line = status(name)
