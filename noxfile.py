@@ -10,8 +10,10 @@ and hand the seconds to the plugin (harness.evidence.stages.INSTALL_ENV), which 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import nox
+from nox.command import CommandFailed
 
 nox.options.default_venv_backend = "venv"
 nox.options.sessions = ["tests", "lint"]
@@ -63,6 +65,57 @@ def claims(session: nox.Session, subject: str) -> None:
     """The claims on one subject; evidence under evidence/<subject>/."""
     env = timed_install(session)
     session.run("pytest", "claims", f"--subject={subject}", *session.posargs, env=env)
+
+
+def _evidence_dir(posargs: list[str]) -> str:
+    """The ``--evidence-dir`` among pytest's arguments (the plugin's default: evidence)."""
+    for i, arg in enumerate(posargs):
+        if arg.startswith("--evidence-dir="):
+            return arg.split("=", 1)[1]
+        if arg == "--evidence-dir" and i + 1 < len(posargs):
+            return posargs[i + 1]
+    return "evidence"
+
+
+def _has_report_module() -> bool:
+    """Whether this checkout has harness.evidence.report (the cross-subject report)."""
+    here = Path(__file__).resolve().parent / "harness" / "evidence"
+    return (here / "report.py").is_file() or (here / "report" / "__init__.py").is_file()
+
+
+@nox.session
+def sweep(session: nox.Session) -> None:
+    """Every subject's claims in one environment, then the cross-subject report: a subject of
+    SUBJECTS this machine cannot load is skipped in one line; a failing one fails the session
+    after the others ran and the report was written (harness.evidence.report)."""
+    env = timed_install(session)
+    # The loaders' own check, without loading weights (python -m harness.models.availability,
+    # one process for all): an offline hub subject costs one line, not a pytest run whose
+    # every test skips.
+    out = str(session.run("python", "-m", "harness.models.availability", *SUBJECTS, silent=True,
+                          success_codes=[0, 2, 3], log=False))
+    failed: list[str] = []
+    for subject in SUBJECTS:
+        line = next((x for x in out.splitlines() if x.startswith(f"{subject}: ")),
+                    f"{subject}: error: no answer from harness.models.availability")
+        if not line.endswith(": available"):
+            session.log(f"skipped {line}")
+            if ": unavailable: " not in line:
+                failed.append(subject)
+            continue
+        try:
+            session.run("pytest", "claims", f"--subject={subject}", *session.posargs, env=env)
+        except CommandFailed:  # a refuted claim fails its run; the other subjects still run
+            failed.append(subject)
+        env = {}  # the install is the first run's stage, not every subject's
+    evidence = _evidence_dir(session.posargs)
+    if _has_report_module():
+        session.run("python", "-m", "harness.evidence.report", "--evidence-dir", evidence)
+    else:
+        session.warn("harness.evidence.report is not in this checkout: no cross-subject report "
+                     f"written (each subject's own is under {evidence}/<subject>/)")
+    if failed:
+        session.error(f"the claims failed (or could not start) on: {', '.join(failed)}")
 
 
 @nox.session

@@ -27,12 +27,17 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+if TYPE_CHECKING:  # pragma: no cover
+    from harness.data.user_corpus import UserCorpus
+
 SOURCES = ("pydoc_topics", "stdlib_docstrings", "stdlib_source")
+USER_SOURCE = "user"
+"""The one source of a recipe built on the user's corpus (``--corpus PATH``)."""
 _SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "lib2to3", "__pycache__",
               "turtledemo", "ensurepip", "dist-packages", "pydoc_data", "encodings"}
 """Tests, GUI demos, vendored wheels, and codec tables (pages of hex literals)."""
@@ -58,22 +63,49 @@ class CorpusRecipe:
     """Which sources to mix (names from SOURCES)."""
     weights: tuple[float, ...] = (0.4, 0.3, 0.3)
     """Share of contexts from each source, in the order of ``sources``."""
+    user: UserCorpus | None = None
+    """The user's corpus (``--corpus PATH``, see :mod:`harness.data.user_corpus`) instead of
+    CPython's text; then ``sources`` is ``(USER_SOURCE,)``. Its raw-text sha256 is part of the
+    recipe, so of every cache key the recipe is in."""
 
     def __post_init__(self) -> None:
         if self.n_contexts < 1 or self.context_len < 2:
             raise CorpusError("need n_contexts >= 1 and context_len >= 2")
-        unknown = set(self.sources) - set(SOURCES)
+        if self.user is not None and (self.sources, self.weights) != ((USER_SOURCE,), (1.0,)):
+            raise CorpusError(f"a recipe on the user's corpus has the one source {USER_SOURCE!r} "
+                              "(use CorpusRecipe.of_user)")
+        unknown = set(self.sources) - set(SOURCES) - ({USER_SOURCE} if self.user else set())
         if unknown or not self.sources:
             raise CorpusError(f"unknown corpus sources {sorted(unknown)}; known: {SOURCES}")
         if len(self.weights) != len(self.sources) or any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
             raise CorpusError("weights must be non-negative, one per source, not all zero")
 
+    @classmethod
+    def of_user(cls, user: UserCorpus, *, n_contexts: int = 2048, context_len: int = 128,
+                seed: int = 0) -> CorpusRecipe:
+        """The recipe packing the user's corpus like the default (same sizes and seed)."""
+        return cls(n_contexts=n_contexts, context_len=context_len, seed=seed,
+                   sources=(USER_SOURCE,), weights=(1.0,), user=user)
+
     @property
     def n_tokens(self) -> int:
         return self.n_contexts * self.context_len
 
+    @property
+    def description(self) -> str:
+        """One line for the evidence: what the corpus is made of."""
+        if self.user is not None:
+            return self.user.description
+        mix = ", ".join(f"{s} {w / sum(self.weights):.0%}"
+                        for s, w in zip(self.sources, self.weights, strict=True) if w > 0)
+        return (f"the default background corpus: CPython {sys.version.split()[0]}'s own text, "
+                f"mostly code and technical prose ({mix} of the contexts)")
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if self.user is not None:
+            out["user"] = self.user.to_dict()
+        return out
 
 
 def _stdlib_files() -> list[Path]:
@@ -141,6 +173,7 @@ class Corpus:
     def provenance(self) -> dict[str, Any]:
         counts = torch.bincount(self.source_of, minlength=len(self.recipe.sources)).tolist()
         return {
+            "description": self.recipe.description,
             "recipe": self.recipe.to_dict(),
             "sha256": self.sha256,
             "n_tokens": int(self.tokens.numel()),
@@ -150,13 +183,16 @@ class Corpus:
         }
 
 
-def _windows(tokenizer: Any, docs: list[str], width: int, rng: np.random.Generator) -> torch.Tensor:
+def _windows(tokenizer: Any, docs: list[str], width: int,
+             rng: np.random.Generator) -> tuple[torch.Tensor, int]:
+    """(windows (n_windows, width), tokens of the joined text): the documents in seeded order,
+    joined by the tokenizer's EOS, tokenized, cut into ``width``-token windows."""
     order = rng.permutation(len(docs))
     sep = tokenizer.eos_token or "\n\n"
     text = sep.join(docs[i] for i in order)
     ids = _encode(tokenizer, text)
     n = len(ids) // width
-    return torch.tensor(ids[: n * width], dtype=torch.long).view(n, width)  # (n_windows, width)
+    return torch.tensor(ids[: n * width], dtype=torch.long).view(n, width), len(ids)
 
 
 _ENCODED: dict[tuple[str, str], np.ndarray] = {}
@@ -190,12 +226,10 @@ def build_corpus(tokenizer: Any, recipe: CorpusRecipe = CorpusRecipe()) -> Corpu
     for i, (name, n_want) in enumerate(zip(recipe.sources, want, strict=True)):
         if n_want == 0:
             continue
-        windows = _windows(tokenizer, documents(name), recipe.context_len - 1, rng)
+        docs = recipe.user.documents() if recipe.user is not None else documents(name)
+        windows, n_tokens = _windows(tokenizer, docs, recipe.context_len - 1, rng)
         if len(windows) < n_want:
-            raise CorpusError(
-                f"source {name} yields {len(windows)} contexts of {recipe.context_len} tokens, "
-                f"the recipe asks for {n_want}: lower n_contexts or context_len"
-            )
+            raise CorpusError(_too_few(recipe, name, n_tokens, int(n_want)))
         pick = np.sort(rng.choice(len(windows), size=int(n_want), replace=False))
         rows.append(windows[torch.from_numpy(pick)])
         src.append(torch.full((int(n_want),), i, dtype=torch.long))
@@ -211,6 +245,19 @@ def build_corpus(tokenizer: Any, recipe: CorpusRecipe = CorpusRecipe()) -> Corpu
         sha256=digest,
         tokenizer_sha256=tokenizer_hash(tokenizer),
     )
+
+
+def _too_few(recipe: CorpusRecipe, name: str, n_tokens: int, want: int) -> str:
+    """The error for a source too small for its share: what is needed against what is there."""
+    body = recipe.context_len - 1
+    have = n_tokens // body
+    if recipe.user is None:
+        return (f"source {name} yields {have} contexts of {recipe.context_len} tokens, the "
+                f"recipe asks for {want}: lower n_contexts or context_len")
+    return (f"--corpus {recipe.user.path} is too small: {want} contexts of {recipe.context_len} "
+            f"tokens (each {body} text tokens + BOS) need {want * body:,} text tokens, and it "
+            f"tokenizes to {n_tokens:,} ({have} contexts): give more text, or lower "
+            f"--corpus-contexts (to {have} at this length) or --corpus-context-len")
 
 
 def tokenizer_hash(tokenizer: Any) -> str:

@@ -125,12 +125,23 @@ class RunState:
     """This process's session recorder (made current for the session by pytest_configure)."""
 
     @property
+    def user_corpus(self) -> bool:
+        """``--corpus`` was given: verdicts recorded on the default corpus do not apply."""
+        return self.corpus_recipe.user is not None
+
+    @property
     def run_dir(self) -> Path:
         """Where this run's report goes: one directory per (subject, dtype, seed, SAE seed,
-        texts), so runs that differ in any of them never overwrite each other."""
+        texts, corpus), so runs that differ in any of them never overwrite each other."""
+        return self.run_dir_of(self.spec.id)
+
+    def run_dir_of(self, subject_id: str) -> Path:
+        """The report directory of ``subject_id`` under this run's other settings."""
+        user = self.corpus_recipe.user
         return self.evidence_dir / run_dir_name(
-            self.spec.id, dtype=self.spec.dtype, seed=self.seed, sae_seed=self.sae_seed,
-            texts_sha256=self.texts.sha256 if self.user_texts else None)
+            subject_id, dtype=self.spec.dtype, seed=self.seed, sae_seed=self.sae_seed,
+            texts_sha256=self.texts.sha256 if self.user_texts else None,
+            corpus_sha256=user.text_sha256 if user is not None else None)
 
 
 STATE = pytest.StashKey[RunState]()
@@ -149,8 +160,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--subject",
         default=DEFAULT_SUBJECT,
-        help=f"subject name ({', '.join(sorted(KNOWN_SUBJECTS))}; NAME:random for the "
-        f"random-init twin) or a checkpoint directory. Default: {DEFAULT_SUBJECT}",
+        help=f"subject name ({', '.join(sorted(KNOWN_SUBJECTS))}; tl:NAME for any model "
+        f"TransformerLens's from_pretrained knows; NAME:random for the random-init twin) or a "
+        f"checkpoint directory. Default: {DEFAULT_SUBJECT}",
     )
     group.addoption("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     group.addoption(
@@ -180,6 +192,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=f"background corpus size in contexts (default {CorpusRecipe.n_contexts})")
     group.addoption("--corpus-context-len", type=int, default=CorpusRecipe.context_len,
                     help=f"tokens per corpus context (default {CorpusRecipe.context_len})")
+    group.addoption(
+        "--corpus", default=None,
+        help="your own background corpus instead of CPython's text: a directory or file of "
+        "plain text, a JSONL file ({text} per line) or a Hugging Face dataset saved with "
+        "save_to_disk (a text column); packed like the default",
+    )
     parser.addini("claims_registry", "path of the claim registry", default="fixtures/claims.yaml")
 
 
@@ -202,8 +220,14 @@ def pytest_configure(config: pytest.Config) -> None:
         registry = Registry.load(config.rootpath / config.getini("claims_registry"))
         check_device_dtype(opt.device, opt.dtype)
         spec = parse_subject(opt.subject, device=opt.device, dtype=opt.dtype, seed=opt.seed)
-        recipe = CorpusRecipe(n_contexts=opt.corpus_contexts, context_len=opt.corpus_context_len,
-                              seed=opt.seed)
+        sizes = {"n_contexts": opt.corpus_contexts, "context_len": opt.corpus_context_len,
+                 "seed": opt.seed}
+        if opt.corpus:
+            from harness.data.user_corpus import read_user_corpus
+
+            recipe = CorpusRecipe.of_user(read_user_corpus(_resolve(config, opt.corpus)), **sizes)
+        else:
+            recipe = CorpusRecipe(**sizes)
         texts = load_texts(_resolve(config, opt.texts) if opt.texts else None)
         spreads = seed_spread.load(config.rootpath / "fixtures" / "seed_spread.yaml")
     except (RegistryError, SubjectError, CorpusError, TextsError, ValueError, KeyError) as exc:
@@ -279,7 +303,7 @@ def _spread(item: pytest.Item, state: RunState, cid: str) -> seed_spread.SeedSpr
     project's texts and default corpus size; SAE-seed spreads only with the default SAE seed
     (an explicit --sae-seed is that seed's run alone, as `nox -s reseed` needs)."""
     fixtures = getattr(item, "fixturenames", ())
-    if state.user_texts and "texts" in fixtures:
+    if (state.user_texts and "texts" in fixtures) or (state.user_corpus and "corpus" in fixtures):
         return None
     default_corpus = CorpusRecipe(seed=state.seed)
     if (state.corpus_recipe.n_contexts, state.corpus_recipe.context_len) != (
@@ -310,8 +334,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _expectation(item: pytest.Item, state: RunState, cid: str) -> Expected | None:
     """What the registry (and the seed spread) record for this claim test on this subject;
     None where nothing is recorded or the user's own texts make the record moot."""
-    if state.user_texts and "texts" in getattr(item, "fixturenames", ()):
-        return None  # expected verdicts were measured on the project's own texts
+    fixtures = getattr(item, "fixturenames", ())
+    if (state.user_texts and "texts" in fixtures) or (state.user_corpus and "corpus" in fixtures):
+        return None  # expected verdicts were measured on the project's own texts and corpus
     callspec = getattr(item, "callspec", None)
     expected = state.registry[cid].expected_verdict(state.spec.id, callspec.id if callspec else None)
     spread = _spread(item, state, cid)
@@ -375,11 +400,16 @@ def content_cache(run_state: RunState):
 
 @pytest.fixture(scope="session")
 def corpus(run_state: RunState, subject, content_cache):
-    """The background corpus tokenized for the session's subject, built once and cached."""
+    """The background corpus (``--corpus PATH`` or CPython's text) tokenized for the session's
+    subject, built once and cached; a corpus too small for the requested size fails here, the
+    first place its tokenizer is known."""
     from harness.activations.harvest import cached_corpus
 
-    with stages.stage(stages.CORPUS):
-        return cached_corpus(content_cache, subject.model.tokenizer, run_state.corpus_recipe)
+    try:
+        with stages.stage(stages.CORPUS):
+            return cached_corpus(content_cache, subject.model.tokenizer, run_state.corpus_recipe)
+    except CorpusError as exc:  # e.g. a --corpus too small for the requested contexts
+        pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -592,14 +622,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 def _twin_contrast(state: RunState, record: dict) -> dict:
     """The record's trained-minus-twin contrast, from the twin's report in this evidence dir
-    (same dtype, seed and texts), when it holds the same test."""
+    (same dtype, seed, texts and corpus), when it holds the same test."""
     import dataclasses
     import json
 
     twin = dataclasses.replace(state.spec, random_init=True)
-    path = state.evidence_dir / run_dir_name(
-        twin.id, dtype=state.spec.dtype, seed=state.seed, sae_seed=state.sae_seed,
-        texts_sha256=state.texts.sha256 if state.user_texts else None) / "evidence.json"
+    path = state.run_dir_of(twin.id) / "evidence.json"
     twin_record = None
     if path.exists():
         try:

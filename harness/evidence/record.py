@@ -356,19 +356,23 @@ DEFAULT_RUN = {"dtype": "float32", "seed": 0}
 
 
 def run_dir_name(subject_id: str, *, dtype: str = "float32", seed: int = 0,
-                 sae_seed: int | None = None, texts_sha256: str | None = None) -> str:
+                 sae_seed: int | None = None, texts_sha256: str | None = None,
+                 corpus_sha256: str | None = None) -> str:
     """The report directory of a run under ``--evidence-dir``: the subject id for the default
-    run (float32, seed 0, the default SAE seed, the project's texts), else
-    ``SUBJECT@DTYPE-seedN[-saeK][-textsSHA8]``, so runs that differ in any of them do not
-    overwrite each other's evidence."""
+    run (float32, seed 0, the default SAE seed, the project's texts, the default corpus), else
+    ``SUBJECT@DTYPE-seedN[-saeK][-textsSHA8][-corpusSHA8]`` (``corpus_sha256``: the raw text's
+    hash of a ``--corpus``), so runs that differ in any of them do not overwrite each other's
+    evidence."""
     if dtype == DEFAULT_RUN["dtype"] and seed == DEFAULT_RUN["seed"] and sae_seed is None \
-            and texts_sha256 is None:
+            and texts_sha256 is None and corpus_sha256 is None:
         return subject_id
     name = f"{subject_id}@{dtype}-seed{seed}"
     if sae_seed is not None:
         name += f"-sae{sae_seed}"
     if texts_sha256 is not None:
         name += f"-texts{texts_sha256[:8]}"
+    if corpus_sha256 is not None:
+        name += f"-corpus{corpus_sha256[:8]}"
     return name
 
 
@@ -520,6 +524,10 @@ def render_markdown(doc: dict) -> str:
             out += [f"Claim: {r['statement']}", ""]
         if r.get("reason"):
             out += [f"Reason: {r['reason']}", ""]
+        corpus = (r.get("inputs") or {}).get("corpus")
+        if isinstance(corpus, dict) and corpus.get("description"):
+            out += [f"Corpus: {corpus['description']}; {corpus.get('n_tokens', '?')} tokens, "
+                    f"token sha256 {str(corpus.get('sha256', '?'))[:16]}", ""]
         tc = r.get("training_contrast")
         if tc:
             out += [("Trained minus random-init twin: " + (

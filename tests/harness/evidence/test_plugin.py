@@ -342,6 +342,11 @@ def _marked(marker: str) -> str:
         pytest.param(VALID_TEST, None, ["--device", "cuda"],
                      ("--device cuda asked for, but torch sees no CUDA device here",),
                      id="absent-cuda"),
+        pytest.param(VALID_TEST, None, ["--corpus", "nowhere"],
+                     ("--corpus ", "nowhere: no such file or directory",), id="corpus-missing"),
+        pytest.param(VALID_TEST, None, ["--corpus", "bad.jsonl"],
+                     ("bad.jsonl, line 2: no 'text' field (found ['txt']); every line needs one",),
+                     id="corpus-jsonl-line-without-text"),
         pytest.param(VALID_TEST, None, ["--dtype", "nonsense"],
                      ("unknown dtype 'nonsense'; choose one of ['bfloat16'",), id="bad-dtype"),
         pytest.param(VALID_TEST, ("    title: near zero\n", "    title: x\n    tolerance: 1\n"),
@@ -375,6 +380,7 @@ def test_usage_errors(pytester: pytest.Pytester, tests: str,
         registry = registry.replace(*registry_edit, 1)
     _project(pytester, tests, registry=registry)
     (pytester.path / "ckpt").mkdir()
+    (pytester.path / "bad.jsonl").write_text('{"text": "a"}\n{"txt": "b"}\n', encoding="utf-8")
     result = _run(pytester, f"--evidence-dir={pytester.path / 'ev'}", *args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     errors = [line for line in result.errlines if line.startswith("ERROR:")]
@@ -614,6 +620,61 @@ def test_user_texts_drop_the_verdicts_recorded_on_the_projects_texts(pytester: p
                  if (p / "evidence.json").exists()]
     assert run_dir.name.startswith(f"{SUBJECT}@float32-seed0-texts")
     assert _records(run_dir / "evidence.json")["test_on_texts"]["verdict"] == "refuted"
+
+
+USES_CORPUS = """
+@pytest.mark.claim(id="H2")
+def test_on_corpus(evidence, corpus):
+    evidence.record("err", exact(0.5, int(corpus.tokens.numel())))
+    evidence.judge()
+"""
+
+# The plugin's corpus fixture tokenizes with the subject's tokenizer (a model load); this one
+# packs the same recipe (run_state.corpus_recipe: --corpus, sizes, seed) with a stand-in's,
+# the default's from its smallest source only (tokenizing the stdlib takes ~15 s).
+STANDIN_CORPUS = CONFTEST + """
+import dataclasses
+import pytest
+
+@pytest.fixture(scope="session")
+def corpus(run_state, tmp_path_factory):
+    from harness.data.corpus import build_corpus
+    from tests.standins import train_tokenizer
+
+    tokenizer = train_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=400)
+    recipe = run_state.corpus_recipe
+    if recipe.user is None:
+        recipe = dataclasses.replace(recipe, weights=(1.0, 0.0, 0.0))
+    return build_corpus(tokenizer, recipe)
+"""
+
+
+def test_user_corpus_is_described_beside_the_claims_and_drops_recorded_verdicts(
+        pytester: pytest.Pytester) -> None:
+    """With --corpus the claims that read the corpus record the user's corpus (path, kind,
+    files, raw-text and token sha256) and say so in evidence.md; the verdicts recorded on the
+    default corpus do not apply, and the report gets a directory of its own."""
+    _project(pytester, USES_CORPUS, conftest=STANDIN_CORPUS)
+    mine = pytester.path / "mine"
+    mine.mkdir()
+    (mine / "a.txt").write_text("Plain words about gardens and rivers. " * 40, encoding="utf-8")
+    sizes = ("--corpus-contexts=4", "--corpus-context-len=16")
+    # H2 is recorded as refuted on smollm2-135m: a strict xfail on the default corpus ...
+    _run(pytester, f"--evidence-dir={pytester.path / 'ev1'}", *sizes).assert_outcomes(xfailed=1)
+    default = _records(pytester.path / "ev1" / SUBJECT / "evidence.json")["test_on_corpus"]
+    assert default["inputs"]["corpus"]["description"].startswith("the default background corpus: CPython")
+    # ... but on the user's corpus it is their result, reported as refuted.
+    result = _run(pytester, f"--evidence-dir={pytester.path / 'ev2'}", *sizes, f"--corpus={mine}")
+    result.assert_outcomes(failed=1)
+    [run_dir] = (pytester.path / "ev2").iterdir()
+    assert run_dir.name.startswith(f"{SUBJECT}@float32-seed0-corpus")
+    corpus = _records(run_dir / "evidence.json")["test_on_corpus"]["inputs"]["corpus"]
+    user = corpus["recipe"]["user"]
+    assert (user["path"], user["kind"], user["files"]) == (str(mine), "text", [["a.txt", 1520]])
+    assert run_dir.name.endswith(user["text_sha256"][:8]) and len(corpus["sha256"]) == 64
+    md = (run_dir / "evidence.md").read_text(encoding="utf-8")
+    _line_with(md.splitlines(), f"Corpus: the user's corpus {mine} (text: 1 file(s), 1,520 bytes",
+               "64 tokens, token sha256 " + corpus["sha256"][:16])
 
 
 def test_a_subset_run_keeps_the_other_claims_and_seeds_keep_their_own_reports(

@@ -29,7 +29,13 @@ from harness.models.subjects import (
     check_device_dtype,
     parse_subject,
 )
-from tests.standins import install_in_hub_cache, make_gpt2_checkpoint, make_llama_checkpoint
+from tests.standins import (
+    SOLU_STATE_DICT_FILE,
+    install_in_hub_cache,
+    make_gpt2_checkpoint,
+    make_llama_checkpoint,
+    make_solu_hub_standin,
+)
 
 ROOT = Path(__file__).resolve().parents[3]
 TOKENS = torch.tensor([[1, 5, 17, 42, 99, 7, 250, 3]])
@@ -206,21 +212,98 @@ def test_hub_subject_loads_through_transformer_lens_on_a_standin(tmp_path):
 
 
 def test_hub_subject_offline_is_unavailable_quickly(tmp_path):
+    """A named hub subject and a ``tl:NAME`` one, offline with an empty HF cache: unavailable
+    with the reason (the repo named), and ``python -m harness.models.availability`` says so
+    without loading anything (exit 3), as ``nox -s sweep`` asks it."""
     out = _child("""
-        import json, time
+        import contextlib, io, json, time
+        from harness.models import availability
         from harness.models.subjects import parse_subject, SubjectUnavailable
         from harness.models.loaders import load_subject
-        t = time.perf_counter()
-        try:
-            load_subject(parse_subject("gpt2-small"))
-            print(json.dumps({"raised": None}))
-        except SubjectUnavailable as exc:
-            print(json.dumps({"raised": "SubjectUnavailable", "msg": str(exc),
-                              "seconds": time.perf_counter() - t}))
+        report = {}
+        for name in ("gpt2-small", "tl:pythia-70m"):
+            t = time.perf_counter()
+            try:
+                load_subject(parse_subject(name))
+                report[name] = {"raised": None}
+            except SubjectUnavailable as exc:
+                report[name] = {"raised": "SubjectUnavailable", "msg": str(exc),
+                                "seconds": time.perf_counter() - t}
+        lines = io.StringIO()
+        with contextlib.redirect_stdout(lines):
+            report["cli"] = availability.main(["tl:pythia-70m", "ladder:solu-1l"])
+        report["cli_lines"] = lines.getvalue().splitlines()
+        print(json.dumps(report))
     """, tmp_path / "empty-hf")
-    assert out["raised"] == "SubjectUnavailable"
-    assert "hub" in out["msg"] and "--subject PATH" in out["msg"]
-    assert "\n" not in out["msg"]
+    for name, repo in (("gpt2-small", "repo gpt2)"), ("tl:pythia-70m", "repo EleutherAI/pythia-70m")):
+        assert out[name]["raised"] == "SubjectUnavailable", name
+        msg = out[name]["msg"]
+        assert "hub" in msg and repo in msg and "--subject PATH" in msg and "\n" not in msg
+    assert out["cli"] == 3
+    assert out["cli_lines"][0].startswith("tl:pythia-70m: unavailable: tl:pythia-70m: weights come")
+    assert out["cli_lines"][1] == "ladder:solu-1l: available"
+
+
+def test_tl_names_resolve_through_transformer_lens():
+    """``tl:NAME`` accepts what TL's own alias table accepts, in any case, names the subject by
+    TL's default alias, is the named subject where there is one, and names close matches."""
+    for text in ("tl:pythia-70m", "tl:Pythia-70M", "tl:EleutherAI/pythia-70m"):
+        spec = parse_subject(text)
+        assert (spec.name, spec.kind, spec.source) == ("tl:pythia-70m", "hub", "EleutherAI/pythia-70m")
+    assert parse_subject("tl:gpt2").name == "gpt2-small"  # TL's alias gpt2-small -> repo gpt2
+    assert parse_subject("tl:solu-1l") == parse_subject("solu-1l")
+    twin = parse_subject("tl:gelu-2l:random", seed=4)
+    assert twin.random_init and twin.id == "tl:gelu-2l:random" and twin.init_seed == 4
+    assert parse_subject("tl:Qwen/Qwen2.5-0.5B").id == "tl:qwen2.5-0.5b"
+    with pytest.raises(SubjectError, match=r"unknown subject tl:gpt2-smal: .*closest: tl:gpt2-small"):
+        parse_subject("tl:gpt2-smal")
+    with pytest.raises(SubjectError, match="not hosted on the hub"):
+        parse_subject("tl:llama-7b-hf")
+
+
+def test_tl_subjects_load_through_from_pretrained_on_standins(tmp_path):
+    """``tl:gpt2-medium`` (a GPT-2 stand-in in a private HF cache) and ``tl:solu-1l`` (Neel's
+    format) load offline through TL's own from_pretrained. SoLU loads offline because the
+    hub path lists the cached snapshot when TL's repo listing cannot reach the hub (TL alone
+    fails there: test_standins); the listing is TL's own again afterwards."""
+    hf_home = tmp_path / "hf"
+    install_in_hub_cache(hf_home, "gpt2-medium", make_gpt2_checkpoint(tmp_path / "gpt2m", seed=8))
+    solu = make_solu_hub_standin(hf_home, "solu-1l", seed=9)
+    out = _child(f"""
+        import dataclasses, json, torch, huggingface_hub
+        from transformers import GPT2LMHeadModel
+        from transformer_lens import loading_from_pretrained as loading
+        from harness.models import availability
+        from harness.models.subjects import parse_subject, RAW
+        from harness.models.loaders import load_subject, hub_identity
+        tokens = torch.tensor({TOKENS.tolist()})
+        spec = dataclasses.replace(parse_subject("tl:gpt2-medium"), processing=RAW)
+        loaded = load_subject(spec)
+        with torch.no_grad():
+            ours = loaded.model(tokens)
+            ref = GPT2LMHeadModel.from_pretrained("gpt2-medium").eval()(tokens).logits
+        solu = load_subject(dataclasses.replace(parse_subject("tl:solu-1l"), processing=RAW))
+        written = torch.load({str(solu["state_dict_path"])!r}, map_location="cpu")
+        got = solu.model.state_dict()
+        twin = load_subject(parse_subject("tl:gpt2-medium:random", seed=1))
+        print(json.dumps({{
+            "diff": (ours - ref).abs().max().item(), "id": loaded.spec.id,
+            "layers": loaded.model.cfg.n_layers, "hash": loaded.weight_hash,
+            "identity": hub_identity(spec),
+            "solu_id": solu.spec.id, "solu_act": solu.model.cfg.act_fn,
+            "solu_mismatched": sorted(k for k in written if not torch.equal(got[k], written[k])),
+            "twin_layers": twin.model.cfg.n_layers, "twin_differs": twin.weight_hash != loaded.weight_hash,
+            "listing_restored": loading.HfApi is huggingface_hub.HfApi,
+            "status": [availability.status(n) for n in ("tl:gpt2-medium", "tl:solu-1l", "tl:gelu-1l")],
+        }}))
+    """, hf_home)
+    assert out["id"] == "tl:gpt2-medium" and out["layers"] == 2 and out["diff"] < STANDIN_ATOL
+    assert out["hash"] == out["identity"]
+    assert out["solu_id"] == "solu-1l" and out["solu_act"] == "solu_ln" and out["solu_mismatched"] == []
+    assert out["twin_layers"] == 2 and out["twin_differs"]
+    assert out["listing_restored"]
+    assert [code for code, _ in out["status"]] == [0, 0, 3]
+    assert SOLU_STATE_DICT_FILE in str(solu["state_dict_path"])
 
 
 @pytest.mark.slow
