@@ -16,6 +16,14 @@ under load, two threads made the wide forward ~10x slower and erratic (OpenMP ba
 a descheduled sibling; see test_bench_geometry.py). Ratios go to ``benchmark.extra_info``;
 nothing is asserted about time.
 
+The default subject's case (``test_default_subject_generation_rate``, skipped when its wheel
+is not installed) measures the workload the suite actually decodes: SmolLM2-135M at family N's
+own batches (32 rows: N2's baseline; 80 rows: N3's dose grid, 10 runs x 8 prompts), 50 new
+tokens, two intra-op threads as the suite runs. There a step is arithmetic on 32-80 rows
+against a forward's thousands, so the ratio is bounded by the matmul efficiency at that many
+rows and by TransformerLens' per-call weight copies (which :func:`decode_layouts` removes; the
+decode here runs under it, as the engine does).
+
 Run: python -m pytest benchmarks/test_bench_generation.py -q -p no:cacheprovider --benchmark-only
 """
 
@@ -33,6 +41,7 @@ from harness.activations import generation as gen
 from harness.activations.capture import tokenize
 from harness.activations.clamp import clamp_hooks
 from harness.activations.generation import Clamp, GenerationSpec, run_generation
+from harness.activations.layouts import decode_layouts
 from tests.standins import corpus, train_tokenizer
 
 BATCH, PROMPT_TOKENS, NEW, ROUNDS = 8, 16, 32, 2
@@ -86,8 +95,11 @@ def test_generation_rate_vs_forward(benchmark, model, prompts):
     mask = torch.zeros(BATCH, width, dtype=torch.long)
     for i, r in enumerate(rows):
         tokens[i, width - len(r):], mask[i, width - len(r):] = r, 1
-    decode = lambda: gen._generate(model, tokens, mask, [clamp] * BATCH, [None] * BATCH,  # noqa: E731
-                                   [None] * BATCH, None, pad, NEW)
+    def decode():
+        with decode_layouts(model):  # as the engine decodes (bit-identical, fewer copies)
+            return gen._generate(model, tokens, mask, [clamp] * BATCH, [None] * BATCH,
+                                 [None] * BATCH, None, pad, NEW)
+
     new, _, _, _ = decode()
     final = torch.cat([tokens, new], dim=1)  # (BATCH, width + NEW) the sequences produced
     final_mask = torch.cat([mask, torch.ones_like(new)], dim=1)
@@ -124,3 +136,68 @@ def test_generation_rate_vs_forward(benchmark, model, prompts):
         n_params=sum(p.numel() for p in model.parameters()), threads=1,
         load_average=os.getloadavg()[0],
     )
+
+
+def _left_padded(model, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = tokenize(model, prompts, prepend_bos=False)
+    width = int(batch.lengths.max())
+    pad = model.tokenizer.pad_token_id or 0
+    tokens = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i in range(len(prompts)):
+        n = int(batch.lengths[i])
+        tokens[i, width - n:], mask[i, width - n:] = batch.tokens[i, :n], 1
+    return tokens, mask
+
+
+@pytest.fixture(scope="module")
+def default_subject():
+    from harness.models.loaders import load_subject
+    from harness.models.subjects import SubjectUnavailable, parse_subject
+
+    try:
+        return load_subject(parse_subject("smollm2-135m"))
+    except SubjectUnavailable as exc:
+        pytest.skip(f"default subject unavailable: {exc}")
+
+
+@pytest.mark.parametrize("rows", [32, 80], ids=["N2-baseline-32", "N3-grid-80"])
+@torch.no_grad()
+def test_default_subject_generation_rate(benchmark, default_subject, rows):
+    """Family N's decoding on SmolLM2-135M at the suite's own batch: generated tokens/s vs the
+    plain forward's token rate over the sequences produced (same rows), 50 new tokens, EOS
+    off, the clamp hooked on the last layer's MLP."""
+    from pathlib import Path
+
+    model = default_subject.model
+    lines = [x for x in (Path(__file__).resolve().parents[1] / "fixtures" / "prompts_n.txt")
+             .read_text(encoding="utf-8").splitlines() if x.strip()]
+    prompts = [lines[i % len(lines)] for i in range(rows)]
+    hook = f"blocks.{model.cfg.n_layers - 1}.mlp.hook_post"
+    clamps = [Clamp(hook, neuron=7, value=float(i % 10)) for i in range(rows)]
+    tokens, mask = _left_padded(model, prompts)
+    new_tokens = 50
+
+    def decode():
+        with decode_layouts(model):
+            return gen._generate(model, tokens, mask, clamps, [None] * rows, [None] * rows, None,
+                                 0, new_tokens)
+
+    new, _, _, _ = decode()
+    final = torch.cat([tokens, new], dim=1)
+    final_mask = torch.cat([mask, torch.ones_like(new)], dim=1)
+
+    def forward():  # in chunks of 16 rows, as the suite's forwards run (memory)
+        for s in range(0, rows, 16):
+            model(final[s: s + 16], attention_mask=final_mask[s: s + 16])
+
+    best = interleaved_best({"forward": forward, "decode": decode}, rounds=1)
+    benchmark.pedantic(decode, rounds=1, iterations=1)
+    gen_rate = rows * new_tokens / best["decode"]
+    forward_rate = final.numel() / best["forward"]
+    benchmark.extra_info.update(
+        rows=rows, prompt_tokens=tokens.shape[1], new_tokens=new_tokens,
+        forward_s=best["forward"], generation_s=best["decode"],
+        generated_tokens_per_s=gen_rate, forward_tokens_per_s=forward_rate,
+        generation_rate_over_forward_rate=gen_rate / forward_rate, target=">= 0.5",
+        threads=torch.get_num_threads(), load_average=os.getloadavg()[0])

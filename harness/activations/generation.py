@@ -30,6 +30,7 @@ import torch
 from harness.activations.cache import ContentCache, progress
 from harness.activations.capture import Batch, HookNameError, capture, check_hook_names, tokenize
 from harness.activations.clamp import WHERE, Clamp, Where, clamp_hooks
+from harness.activations.layouts import decode_layouts
 from harness.activations.rerun import rerun
 
 __all__ = ["GENERATION", "GENERATION_VERSION", "READS", "WHERE", "Clamp", "GenerationResult",
@@ -284,7 +285,7 @@ def _compute(model: Any, specs: Sequence[GenerationSpec], batch: Batch, eos: int
     parts: list[dict[str, torch.Tensor]] = []
     starts = range(0, len(rows), spec.batch_size)
     runs = f"{len(specs)} runs x " if len(specs) > 1 else ""
-    with stage(GENERATION):
+    with stage(GENERATION), decode_layouts(model):  # bit-identical, without TL's per-step copies
         for s in progress(starts, desc=f"{GENERATION}: {runs}{n_prompts} prompts x {n} tokens",
                           total=len(starts)):
             idx = range(s, min(s + spec.batch_size, len(rows)))

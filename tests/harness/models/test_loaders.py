@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from harness.activations.capture import HookNameError, capture, tokenize
+from harness.activations.layouts import decode_layouts
 from harness.models import loaders
 from harness.models.subjects import (
     RAW,
@@ -319,7 +320,10 @@ def test_smollm2_logits_match_hf(run_state):
     model, _ = loaders.hooked_from_hf(hf, tok, spec)
     tokens = model.to_tokens("The quick brown fox jumps over the lazy dog. 3 + 4 = 7")
     with torch.no_grad():
-        diff = (model(tokens) - hf(tokens).logits).abs().max().item()
+        logits = model(tokens)
+        diff = (logits - hf(tokens).logits).abs().max().item()
+        with decode_layouts(model):  # generation's weight layout: the same bits on this model
+            assert torch.equal(model(tokens), logits)
     assert diff < 5e-4, f"max |logit diff| {diff} (load {time.perf_counter() - start:.0f}s)"
     assert model.cfg.n_layers == 30 and model.cfg.d_model == 576 and model.cfg.d_mlp == 1536
     assert model.cfg.gated_mlp and model.cfg.normalization_type == "RMS"
