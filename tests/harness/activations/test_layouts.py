@@ -33,8 +33,9 @@ def _equal_everything(model, tokens: torch.Tensor) -> None:
         with decode_layouts(model):
             logits2, cache2 = model.run_with_cache(tokens)
     assert torch.equal(logits, logits2)
-    assert cache.keys() == cache2.keys()
-    for k in cache.keys():
+    names = list(cache.keys())
+    assert names == list(cache2.keys())
+    for k in names:
         assert torch.equal(cache[k], cache2[k]), k
 
 
