@@ -28,7 +28,7 @@ optional, default train) ends S1, S2, S3, S5 and S6 inconclusive/too-few-texts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -54,6 +54,7 @@ from harness.saes.specialists import (
     coverage_slope,
     feature_token_codes,
     heldout_specialists,
+    row_tops,
     most_frequent_coverage,
     peak_activation,
     positive_quantile,
@@ -96,15 +97,22 @@ class SData:
     truncated: tuple[int, ...]
     thresholds: dict[tuple[str, str], float]  # (kind, hook) -> strong-activation threshold
     split: SplitRows  # train texts select, held-out texts score
+    tops: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    """(hook, policy name) -> every text's own top candidates (row_tops), filled on first use."""
 
     def threshold(self, kind: str, hook: str) -> float:
         return self.thresholds[(kind, hook)]
 
     def table(self, kind: str, hook: str, policy: PoolingPolicy = MASKED, rows: SplitRows | None = None):
         """Specialists selected on the train texts and scored on the held-out ones (``rows``:
-        a resample or a label shuffle of ``split``)."""
-        return heldout_specialists(self.codes[(hook, policy.name)], rows or self.split,
-                                   self.threshold(kind, hook))
+        a resample or a label shuffle of ``split``). The codes were checked for NaN when
+        s_data built them; each text's top candidates are computed once (heldout_specialists)."""
+        key = (hook, policy.name)
+        codes = self.codes[key]
+        if key not in self.tops:
+            self.tops[key] = row_tops(codes)
+        return heldout_specialists(codes, rows or self.split, self.threshold(kind, hook),
+                                   check=False, tops=self.tops[key])
 
     def split_record(self) -> dict:
         """Which split selected and which scored, with their sizes (recorded with a headline)."""
@@ -149,7 +157,10 @@ def s_data(saes, texts, s_batch, s_acts) -> SData:
         for s in resid:
             for policy in POOLING_POLICIES:
                 pooled = pool(s_acts[s.hook_name].float(), s_batch, policy)  # (n_texts, d_model)
-                codes[(s.hook_name, policy.name)] = s.sae.encode(pooled.to(s.sae.W_enc.dtype)).cpu().numpy()
+                codes[(s.hook_name, policy.name)] = c = s.sae.encode(pooled.to(s.sae.W_enc.dtype)).cpu().numpy()
+                if np.isnan(c).any():  # checked once here: the tables skip the check
+                    bad = sorted({int(i) for i in np.argwhere(np.isnan(c))[:, 0]})[:5]
+                    raise ValueError(f"NaN in the SAE codes at {s.hook_name} ({policy.name}) of texts {bad}")
             thresholds[(THRESHOLDS[0], s.hook_name)] = SOURCE_THRESHOLD
             # a selection parameter: from the train texts only
             thresholds[(THRESHOLDS[1], s.hook_name)] = scale_free_threshold(

@@ -278,3 +278,50 @@ def test_find_specialists_equals_the_direct_search(seed, n_texts, d_sae, n_candi
             for r in got.per_category] == want
     np.testing.assert_array_equal(top_first(codes[0], n_candidates),
                                   np.argsort(-codes[0], kind="stable")[:n_candidates])
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n_per=st.integers(1, 6), d_sae=st.integers(1, 12),
+       n_cand=st.integers(1, 5), integer_codes=st.booleans(), float32=st.booleans())
+def test_heldout_specialists_equals_select_then_score(seed, n_per, d_sae, n_cand, integer_codes, float32):
+    """The in-place path equals find_specialists on the selected rows followed by
+    score_selected on the scored rows, on bootstrap resamples, label shuffles and tied codes
+    (small integers make ties and threshold hits common)."""
+    from harness.saes.specialists import (
+        SplitRows,
+        heldout_specialists,
+        resample_split,
+        row_tops,
+        score_selected,
+        shuffle_within_splits,
+    )
+
+    rng = np.random.default_rng(seed)
+    labels = [c for c in "abc" for _ in range(2 * n_per)]
+    splits = ["train", "heldout"] * (3 * n_per)
+    codes = (rng.integers(0, 4, (len(labels), d_sae)).astype(float) if integer_codes
+             else rng.standard_normal((len(labels), d_sae)) * 2)
+    codes = codes.astype(np.float32) if float32 else codes
+    base = SplitRows.from_splits(labels, splits)
+    for rows in (base, resample_split(base, rng), shuffle_within_splits(base, rng)):
+        for threshold in (0.0, 1.0, 2.5):
+            want = score_selected(
+                find_specialists(codes[rows.select], rows.labels_of(rows.select), threshold, n_cand),
+                codes[rows.score], rows.labels_of(rows.score))
+            assert heldout_specialists(codes, rows, threshold, n_cand) == want
+            assert heldout_specialists(codes, rows, threshold, n_cand, check=False,
+                                       tops=row_tops(codes, n_cand)) == want
+
+
+def test_heldout_specialists_rejects_nan_and_bad_shapes():
+    from harness.saes.specialists import SplitRows, heldout_specialists
+
+    rows = SplitRows.from_splits(SPLIT_LABELS, SPLITS)
+    codes = np.zeros((12, 4))
+    codes[3, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        heldout_specialists(codes, rows, 5.0)
+    with pytest.raises(ValueError, match="n_texts=12"):
+        heldout_specialists(np.zeros((11, 4)), rows, 5.0)
+    with pytest.raises(ValueError, match="tops must be"):
+        heldout_specialists(np.zeros((12, 4)), rows, 5.0, 2, tops=np.zeros((12, 3), dtype=int))
