@@ -39,6 +39,7 @@ from torch import Tensor
 
 from harness.activations.cache import ContentCache, progress
 from harness.activations.capture import capture, check_hook_names, first_content_position
+from harness.activations.layouts import decode_layouts
 from harness.activations.topk import StreamingTopK, TopKSpec
 from harness.data.corpus import Corpus
 from harness.evidence.figures import pyplot
@@ -263,12 +264,13 @@ def sae_feature_usage(
                                   skip_bos=skip_bos, seed=seed)
     w = sae.W_enc
     starts = range(0, n_ctx, batch_size)
-    for start in progress(starts, desc=f"feature usage {hook}", total=len(starts)):
-        batch = tokens[start:start + batch_size]  # (b, L)
-        acts = capture(model, batch.to(model.cfg.device), [hook])[hook]  # (b, L, d_in)
-        if acts.shape[-1] != d_in:
-            raise ValueError(f"the SAE reads d_in = {d_in} but {hook} is {acts.shape[-1]} wide")
-        acc.update(sae.encode(acts.to(w.device, w.dtype)))  # codes (b, L, d_sae)
+    with decode_layouts(model):  # bit-identical, without TL's per-call weight copies
+        for start in progress(starts, desc=f"feature usage {hook}", total=len(starts)):
+            batch = tokens[start:start + batch_size]  # (b, L)
+            acts = capture(model, batch.to(model.cfg.device), [hook])[hook]  # (b, L, d_in)
+            if acts.shape[-1] != d_in:
+                raise ValueError(f"the SAE reads d_in = {d_in} but {hook} is {acts.shape[-1]} wide")
+            acc.update(sae.encode(acts.to(w.device, w.dtype)))  # codes (b, L, d_sae)
     return acc.result(tokens, hook)
 
 

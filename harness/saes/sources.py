@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from harness.activations.capture import block_index, content_positions
+from harness.activations.layouts import decode_layouts
 from harness.models.depth import relative_layers
 from harness.models.loaders import weights_hash
 from harness.models.subjects import SubjectError, SubjectUnavailable
@@ -306,31 +307,32 @@ def sae_quality_rows(
             return out
         return hook_fn
 
-    for batch in tokens.split(batch_size):
-        batch = batch.to(dev)
-        held: dict[str, torch.Tensor] = {}
+    with decode_layouts(model):  # bit-identical, without TL's per-call weight copies
+        for batch in tokens.split(batch_size):
+            batch = batch.to(dev)
+            held: dict[str, torch.Tensor] = {}
 
-        def capture(act, hook, held=held):
-            held[hook.name] = act
-            return act
+            def capture(act, hook, held=held):
+                held[hook.name] = act
+                return act
 
-        wanted = dict.fromkeys([*hooks, *(f"blocks.{L}.hook_resid_pre" for L in starts)])
-        ce_clean.append(run([(h, capture) for h in wanted]))
-        for h in ce_ablated:
-            ce_ablated[h].append(run([(h, replace_kept(torch.zeros_like(held[h])))], h))
-        for sae, h, a, fi in zip(saes, hooks, acc, fired, strict=True):
-            feats = sae.encode(held[h])  # (b, pos, d_sae)
-            x_hat = sae.decode(feats)  # (b, pos, d_in)
-            a["ce_spliced"].append(run([(h, replace_kept(x_hat))], h))
-            x, xh = held[h][:, keep].double(), x_hat[:, keep].double()  # (b, kept, d_in)
-            f = feats[:, keep] != 0  # (b, kept, d_sae)
-            a["sse"].append((x - xh).pow(2).sum((1, 2)))
-            a["q"].append(x.pow(2).sum((1, 2)))
-            a["s"].append(x.sum(1))
-            a["cos"].append(torch.nn.functional.cosine_similarity(x, xh, dim=-1).sum(1))
-            a["l0"].append(f.sum((1, 2)).double())
-            a["n"].append(torch.full((x.shape[0],), float(x.shape[1]), dtype=torch.float64))
-            fi |= f.any(1).any(0)
+            wanted = dict.fromkeys([*hooks, *(f"blocks.{L}.hook_resid_pre" for L in starts)])
+            ce_clean.append(run([(h, capture) for h in wanted]))
+            for h in ce_ablated:
+                ce_ablated[h].append(run([(h, replace_kept(torch.zeros_like(held[h])))], h))
+            for sae, h, a, fi in zip(saes, hooks, acc, fired, strict=True):
+                feats = sae.encode(held[h])  # (b, pos, d_sae)
+                x_hat = sae.decode(feats)  # (b, pos, d_in)
+                a["ce_spliced"].append(run([(h, replace_kept(x_hat))], h))
+                x, xh = held[h][:, keep].double(), x_hat[:, keep].double()  # (b, kept, d_in)
+                f = feats[:, keep] != 0  # (b, kept, d_sae)
+                a["sse"].append((x - xh).pow(2).sum((1, 2)))
+                a["q"].append(x.pow(2).sum((1, 2)))
+                a["s"].append(x.sum(1))
+                a["cos"].append(torch.nn.functional.cosine_similarity(x, xh, dim=-1).sum(1))
+                a["l0"].append(f.sum((1, 2)).double())
+                a["n"].append(torch.full((x.shape[0],), float(x.shape[1]), dtype=torch.float64))
+                fi |= f.any(1).any(0)
     clean = torch.cat(ce_clean).cpu().numpy()
     out = []
     for h, a, fi in zip(hooks, acc, fired, strict=True):

@@ -98,3 +98,13 @@ def test_layout_restored_after_an_exception():
         assert not model.unembed.W_U.is_contiguous()
         raise RuntimeError("boom")
     assert all(p.is_contiguous() for p in model.parameters()) and weights_hash(model) == before
+
+
+def test_nested_use_is_a_no_op_and_the_outer_exit_restores():
+    model = _model("rotary-gqa-gated")
+    with decode_layouts(model):
+        stored = model.unembed.W_U.data_ptr()
+        with decode_layouts(model):
+            assert model.unembed.W_U.data_ptr() == stored  # not copied again
+        assert not model.unembed.W_U.is_contiguous()  # the inner exit left the outer's layout
+    assert model.unembed.W_U.is_contiguous()

@@ -4,7 +4,12 @@ select on the train split and score on the held-out one end inconclusive/too-few
 how to add held-out rows, when the file has none. Runs through the
 real plugin in an in-process pytest session (pytester) with the default subject and cache: the
 model loaded by any session of this process is reused (harness.evidence.plugin's process store)
-and the SAEs are built on first use, so this is slow cold and takes seconds warm."""
+and the SAEs are built on first use, so this is slow cold and takes seconds warm.
+
+Marked ``e2e`` (run by ``nox -s e2e``, which CI runs after the test command): three whole
+family-S sessions on other texts (~55 s warm, plus the cold forwards of their texts) are
+end-to-end runs on other inputs, like family N on the GPT-2 stand-in; the --texts plumbing
+itself is unit-tested in tests/harness/evidence/test_plugin.py and tests/harness/data."""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from pathlib import Path
 import pytest
 
 pytest_plugins = ["pytester"]
+pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[3]
 S_CLAIMS = {"S1", "S2", "S3", "S4", "S5", "S6", "S7"}
