@@ -41,7 +41,13 @@ from harness.analyses.coactivation import (
     topk_overlap,
     unit_directions,
 )
-from harness.analyses.neuron_choice import ChoiceSpec, NeuronChoice, choose_neurons, top_contexts
+from harness.analyses.neuron_choice import (
+    ChoiceSpec,
+    NeuronChoice,
+    choose_neurons,
+    has_downstream,
+    top_contexts,
+)
 from harness.analyses.srm import (
     angle_grid,
     cosines,
@@ -622,6 +628,19 @@ def _record_dose_response(evidence, g: ClampGrid, table, noise, boot) -> None:
                     null=boot(_average(table, g.pick("last", control=True, grid="std"), "kl")),
                     description="as kl_at_source_doses at +-4 sd; null: control (a) at +-4 sd")
     mid_std, mid_ctrl = g.pick("mid", grid="std"), g.pick("mid", control=True, grid="std")
+    if not has_downstream(g.choices):
+        evidence.note(f"mid role's downstream shift: not applicable, the mid role's layer "
+                      f"{g.choices['mid'].layer} is the last layer ({g.choices['last'].layer}): no block "
+                      "lies after it (a 1-layer model), so 'downstream' would be the clamped layer itself")
+    else:
+        _record_downstream(evidence, g, table, noise, boot, mid_std, mid_ctrl)
+    evidence.record("mid_shift_at_4sd", boot(_average(table, mid_std, "shift")),
+                    null=boot(noise["shift_mid"]),
+                    description="the mid layer's own other units at +-4 sd (clamp in both); null: sampling")
+
+
+def _record_downstream(evidence, g: ClampGrid, table, noise, boot, mid_std, mid_ctrl) -> None:
+    """The mid role's shift of the last layer (needs a block after the mid role's: has_downstream)."""
     for phase, key in (("both", "down_both"), ("generation_only", "down_generation"),
                        ("rerun_only", "down_rerun")):
         ctrl = boot(_average(table, mid_ctrl, key)) if phase == "rerun_only" else boot(noise["down"])
@@ -631,9 +650,6 @@ def _record_dose_response(evidence, g: ClampGrid, table, noise, boot) -> None:
                         f"{g.choices['last'].hook}'s mean vector (all coordinates); null: "
                         + ("control (a) at +-4 sd, rerun-only" if phase == "rerun_only"
                            else "sampling noise at that layer"))
-    evidence.record("mid_shift_at_4sd", boot(_average(table, mid_std, "shift")),
-                    null=boot(noise["shift_mid"]),
-                    description="the mid layer's own other units at +-4 sd (clamp in both); null: sampling")
 
 
 def _closed_form(g: ClampGrid, d: Dose) -> tuple[float, float, float, float]:

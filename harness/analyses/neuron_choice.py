@@ -21,6 +21,7 @@ whole corpus) is minutes, not seconds.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,7 +33,7 @@ from harness.activations.capture import capture
 from harness.models.depth import relative_layer
 
 __all__ = ["CHOICE_VERSION", "ROLES", "ChoiceSpec", "NeuronChoice", "choose_neurons",
-           "layer_for", "pick", "top_contexts"]
+           "has_downstream", "layer_for", "pick", "top_contexts"]
 
 CHOICE_VERSION = "1"
 SOURCE_SUBJECT = "gpt2-small"
@@ -112,6 +113,14 @@ def layer_for(role: Role, n_layers: int, subject: str) -> int:
     if role != "mid":
         raise ValueError(f"unknown role {role!r}: one of {ROLES}")
     return max(0, min(n_layers - 2, relative_layer(MID_LAYER, SOURCE_N_LAYERS, n_layers)))
+
+
+def has_downstream(choices: Mapping[Role, NeuronChoice]) -> bool:
+    """True when the mid role's block lies before the last role's, so that the mid neuron has a
+    downstream layer to move. On a 1-layer model both roles study block 0 (:func:`layer_for`):
+    the "mid role's last-layer shift" would be the clamped layer itself (the clamp's own
+    arithmetic), not a downstream effect, and claim N3 records no downstream statistic there."""
+    return choices["mid"].layer < choices["last"].layer
 
 
 def _pearson_row(acts: np.ndarray, n: int) -> np.ndarray:

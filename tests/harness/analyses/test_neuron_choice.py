@@ -43,6 +43,10 @@ def test_gpt2_small_keeps_the_published_ids_in_its_last_layer_only() -> None:
 def test_layers_by_role(n_layers: int, last: int, mid: int) -> None:
     assert nc.layer_for("last", n_layers, "x") == last
     assert nc.layer_for("mid", n_layers, "x") == mid
+    z = np.zeros(1)
+    choices = {role: nc.NeuronChoice(role, nc.layer_for(role, n_layers, "x"), 0, 1, False, z, z, z)
+               for role in nc.ROLES}
+    assert nc.has_downstream(choices) is (mid < last)  # 1 layer: no block after the mid role's
 
 
 def test_constant_units_never_partner_and_bad_inputs_raise() -> None:
