@@ -666,7 +666,7 @@ def test_user_corpus_is_described_beside_the_claims_and_drops_recorded_verdicts(
     # ... but on the user's corpus it is their result, reported as refuted.
     result = _run(pytester, f"--evidence-dir={pytester.path / 'ev2'}", *sizes, f"--corpus={mine}")
     result.assert_outcomes(failed=1)
-    [run_dir] = (pytester.path / "ev2").iterdir()
+    [run_dir] = [p for p in (pytester.path / "ev2").iterdir() if (p / "evidence.json").exists()]
     assert run_dir.name.startswith(f"{SUBJECT}@float32-seed0-corpus")
     corpus = _records(run_dir / "evidence.json")["test_on_corpus"]["inputs"]["corpus"]
     user = corpus["recipe"]["user"]
