@@ -30,6 +30,7 @@ import torch
 from harness.activations.cache import ContentCache, progress
 from harness.activations.capture import Batch, HookNameError, capture, check_hook_names, tokenize
 from harness.activations.clamp import WHERE, Clamp, Where, clamp_hooks
+from harness.activations.incremental import incremental_attention
 from harness.activations.layouts import decode_layouts
 from harness.activations.rerun import rerun
 
@@ -201,7 +202,8 @@ def _generate(model: Any, tokens: torch.Tensor, mask: torch.Tensor, clamps: Sequ
 
     kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, b)
     fwd = clamp_hooks(clamps, "generation") + [(h, keep) for h in reads]  # clamp first
-    with model.hooks(fwd_hooks=fwd):  # removed on any exit, exceptions included
+    # hooks removed on any exit, exceptions included; incremental_attention: bit-identical
+    with model.hooks(fwd_hooks=fwd), incremental_attention(model, kv, tokens.shape[1] + n):
         logits = model(tokens, attention_mask=mask, past_kv_cache=kv)[:, -1]  # (b, d_vocab)
         one = torch.ones(b, 1, dtype=mask.dtype, device=dev)  # (b, 1)
         for step in range(n):
