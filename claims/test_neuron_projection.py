@@ -368,7 +368,6 @@ EDGE_DOSES = (-20.0, 20.0)  # the source's extremes: the headline's doses
 STD_DOSES = (-4.0, 4.0)  # in the clamped unit's own standard deviations
 N_CANDIDATES = 5  # units closest in std from which the random control is drawn
 SAMPLINGS = (Sampling(seed=1, top_k=50), Sampling(seed=2, top_k=50))  # control (b)
-GRID_RUNS_PER_BATCH = 10  # runs per batch of rows: 20 runs in 2 equal batches (same padding)
 K_TOP = 10  # N4's top-k
 
 
@@ -463,9 +462,11 @@ def build_grid(n_run: NRun, subject, content_cache, seed: int) -> ClampGrid:
                           "candidate_std": std[candidates].tolist()}
     doses = _n3_doses(choices, sigma, controls)
     hooks = tuple(sorted({c.hook for c in choices.values()} | {_resid(c) for c in choices.values()}))
-    base = GenerationSpec(prompts, MAX_NEW_TOKENS, hooks=hooks,
-                          batch_size=GRID_RUNS_PER_BATCH * len(prompts))
     decoded = [d for d in doses if d.generated]
+    # every run's rows in ONE batch (20 runs x 8 prompts on the default subject): one decode
+    # of MAX_NEW_TOKENS steps, at the batch where a step's matmuls are efficient
+    n_runs = 1 + len(decoded) + len(SAMPLINGS)
+    base = GenerationSpec(prompts, MAX_NEW_TOKENS, hooks=hooks, batch_size=n_runs * len(prompts))
     specs = ([base] + [dataclasses.replace(base, clamp=d.clamp(choices[d.role])) for d in decoded]
              + [dataclasses.replace(base, sampling=s) for s in SAMPLINGS])
     runs = run_generations(model, specs, read="generation", cache=content_cache,
@@ -590,7 +591,7 @@ def test_clamp_changes_the_model_beyond_the_coordinate(n3_grid, evidence, rng, c
     _figure_srm_per_dose(evidence, g)
     _figure_dose_response(evidence, g, table, noise)
     evidence.note(f"doses: {len(g.both)} clamped runs + baseline + {len(SAMPLINGS)} sampled, decoded "
-                  f"as rows of {GRID_RUNS_PER_BATCH * n}-row batches; read while decoding (no rerun); "
+                  f"as the rows of one {g.base.spec.batch_size}-row batch; read while decoding (no rerun); "
                   f"{len(g.rerun_only)} rerun-only and {len(g.generation_only)} generation-only rereads")
     for role, c in g.choices.items():
         ctrl = g.controls[role]
