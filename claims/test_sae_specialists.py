@@ -256,6 +256,10 @@ def test_padding_masking_raises_specialist_counts(saes, s_data, texts, kind, evi
                   f"right-padded batch ({s_data.split.select.size} {SELECT} select, "
                   f"{s_data.split.score.size} {SCORE} score); truncated: {list(s_data.truncated) or 'none'}")
     _figure_padding(evidence, s_data, matrix, kind)
+    if not _selected_anywhere(s_data, kind, POOLING_POLICIES):
+        evidence.inconclusive(f"no specialists at any depth under threshold {kind} with any pooling "
+                              f"policy (selected on the {SELECT} texts): no count that masking could "
+                              "raise", code="no-specialists")
     evidence.judge()
 
 
@@ -489,6 +493,18 @@ class Specialist:
     heldout_score: int
 
 
+def _selected_anywhere(data: SData, kind: str, policies=None) -> bool:
+    """Whether any depth has a specialist as selected on the train texts (a best candidate
+    with train score > 0) under any of ``policies`` (default: the source's masked pooling).
+    With none at all a comparison of specialists is empty: the claims that compare them are
+    inconclusive/no-specialists, not refuted by a 0 [0, 0] that no model could have changed."""
+    for policy in policies or (MASKED,):
+        for h in data.hooks:
+            if any(r.selection_score > 0 for r in data.table(kind, h, policy).per_category):
+                return True
+    return False
+
+
 def _specialists(data: SData, kind: str) -> list[Specialist]:
     """The specialists as selected: best candidate with a train score > 0 (S5 asks what a
     selected specialist fires on; whether it holds up on held-out texts is S1's question)."""
@@ -619,6 +635,9 @@ def test_social_and_conversational_are_hardest(saes, s_data, texts, kind, eviden
                     first_depth_with_specialist=first)
     evidence.note(f"first depth with a specialist per category: {first} (source: social and "
                   "conversational only in deep layers)")
+    if not _selected_anywhere(s_data, kind):
+        evidence.inconclusive(f"no specialists at any depth under threshold {kind} (selected on the "
+                              f"{SELECT} texts): no category is harder than another", code="no-specialists")
     evidence.judge()
 
 
