@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,6 +132,12 @@ class Series:
     layers: dict[int, dict[str, float]]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def agreement_figure(series: list[Series], published: list[PublishedPoint], path: Path) -> Path:
     """Draw one panel per statistic: each subject's curve over layers (twins dashed, in their
     model's colour) and the published points (black, one marker per published model)."""
@@ -165,9 +172,18 @@ def agreement_figure(series: list[Series], published: list[PublishedPoint], path
                      "(dashed: random-init twin; black: the thesis's published table)", fontsize=10)
         fig.tight_layout(rect=(0, 0.1 + 0.03 * (len(handles) // 5), 1, 0.95))
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, path)  # a reader never sees half a figure
+        # A temporary name of this writer's own: two runs sharing an evidence directory both
+        # rewrite this figure at their end, and with one fixed name the second os.replace
+        # found the first's file gone (FileNotFoundError, failing that run's report).
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            fig.savefig(tmp, dpi=100, format="png")
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the report is for readers
+            os.replace(tmp, path)  # a reader never sees half a figure
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     finally:
         plt.close(fig)
     return path

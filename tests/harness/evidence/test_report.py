@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
+from harness.evidence import trends
 from harness.evidence.html import ReportError, claim_anchor
 from harness.evidence.record import SCHEMA_VERSION, render_markdown
 from harness.evidence.registry import Registry
@@ -365,3 +366,28 @@ def test_a_reader_sees_every_row_figure_and_link(tmp_path: Path, registry: Regis
             if parsed.fragment:
                 ids = visits[parsed._replace(fragment="").geturl()].seen["ids"]
                 assert parsed.fragment in ids, f"{url}: no anchor for {link}"
+
+
+def test_two_runs_rewriting_the_trend_figure_at_once_both_succeed(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs sharing an evidence directory (two subjects at a time) both rewrite the trend
+    figure at their end. Here a second writer runs to completion between the first's savefig
+    and its os.replace: with one fixed temporary name the second consumed the first's file and
+    the first's os.replace raised FileNotFoundError."""
+    series = [trends.Series("ladder:a", 0, False, {0: {"overlap_any": 0.4, "jaccard": 0.02}})]
+    path = tmp_path / "trends" / trends.FIGURE
+    real_replace = os.replace
+    interleaved = []
+
+    def replace_after_another_writer(src, dst):
+        if not interleaved:
+            interleaved.append(src)
+            monkeypatch.setattr(os, "replace", real_replace)
+            trends.agreement_figure(series, [], path)  # the other run, start to finish
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_after_another_writer)
+    trends.agreement_figure(series, [], path)
+    assert interleaved, "the figure was not written through os.replace"
+    assert path.read_bytes().startswith(b"\x89PNG")
+    assert [p.name for p in path.parent.iterdir()] == [trends.FIGURE]  # no temporary file left
