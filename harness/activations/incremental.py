@@ -69,16 +69,31 @@ class _Layer:
         extend = buf is not None and parent is not None and parent is self.src.get(kind)
         start = self.n[kind] if extend else 0
         new = fill(x, start)
-        if not extend or n > buf.shape[pos_dim]:
-            size = list(new.shape)
-            size[pos_dim] = max(n, self.capacity, 2 * buf.shape[pos_dim] if extend else 0)
-            grown = new.new_empty(size)
-            if extend:  # outgrown: keep what the old buffer held
-                grown.narrow(pos_dim, 0, start).copy_(buf.narrow(pos_dim, 0, start))
-            buf = self.buf[kind] = grown  # a fresh buffer: views handed out earlier stay valid
-        buf.narrow(pos_dim, start, n - start).copy_(new)
+        prefix = buf.narrow(pos_dim, 0, start) if extend else None
+        out = self.write(kind, new, prefix, pos_dim, reuse=extend)
         self.src[kind], self.n[kind] = x, n
-        return buf.narrow(pos_dim, 0, n), extend
+        return out, extend
+
+    def write(self, kind: str, new: torch.Tensor, prefix: torch.Tensor | None, pos_dim: int,
+              reuse: bool) -> torch.Tensor:
+        """The buffer ``kind`` holding ``prefix`` (its first positions, None: none) then
+        ``new`` along ``pos_dim``, as a view of exactly those positions. ``reuse``: ``prefix``
+        is already the buffer's own start, so only ``new`` is written when it fits; otherwise
+        (or when outgrown) a fresh buffer of at least ``capacity`` positions is made, so views
+        handed out earlier stay valid."""
+        buf = self.buf.get(kind)
+        start = 0 if prefix is None else prefix.shape[pos_dim]
+        n = start + new.shape[pos_dim]
+        if not reuse or buf is None or n > buf.shape[pos_dim]:
+            size = list(new.shape)
+            size[pos_dim] = max(n, self.capacity, 2 * buf.shape[pos_dim] if reuse and buf is not None
+                                else 0)
+            grown = new.new_empty(size)
+            if start:
+                grown.narrow(pos_dim, 0, start).copy_(prefix)
+            buf = self.buf[kind] = grown
+        buf.narrow(pos_dim, start, n - start).copy_(new)
+        return buf.narrow(pos_dim, 0, n)
 
 
 @contextmanager
@@ -130,17 +145,8 @@ def _append(entry: Any, state: _Layer):
     def grow(kind: str, before: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """``torch.cat([before, new], dim=1)``'s values, written into a buffer of which the
         result is a view (extended in place when ``before`` is the last view returned)."""
-        buf, start = state.buf.get(kind), before.shape[1]
-        n = start + new.shape[1]
-        extend = buf is not None and before is state.src.get(kind)
-        if not extend or n > buf.shape[1]:
-            size = [*new.shape[:1], max(n, state.capacity, 2 * buf.shape[1] if extend else 0),
-                    *new.shape[2:]]
-            grown = new.new_empty(size)
-            grown[:, :start].copy_(before)
-            buf = state.buf[kind] = grown
-        buf[:, start:n].copy_(new)
-        state.src[kind] = out = buf[:, :n]
+        reuse = before is state.src.get(kind)
+        state.src[kind] = out = state.write(kind, new, before, 1, reuse)
         return out
 
     def append(new_keys, new_values):
